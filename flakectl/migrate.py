@@ -1,0 +1,59 @@
+"""Alembic, configured in code so an installed flakectl (no pyproject.toml
+beside it) can upgrade a database: the migrations ship in the package."""
+
+from __future__ import annotations
+
+import io
+from importlib import resources
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, pool
+
+
+def sqlalchemy_url(url: str) -> str:
+    """A plain libpq URL with SQLAlchemy's psycopg 3 driver named."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def config(url: str | None = None, *, stdout: io.TextIOBase | None = None) -> Config:
+    cfg = Config(stdout=stdout) if stdout is not None else Config()
+    cfg.set_main_option("script_location", str(resources.files("flakectl.migrations")))
+    if url:
+        cfg.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
+    return cfg
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    command.upgrade(config(url), revision)
+
+
+def downgrade(url: str, revision: str) -> None:
+    command.downgrade(config(url), revision)
+
+
+def sql(revision: str = "head", start: str | None = None) -> str:
+    """The SQL an upgrade to `revision` would run (Alembic's offline mode)."""
+    out = io.StringIO()
+    target = f"{start}:{revision}" if start else revision
+    command.upgrade(config(stdout=out), target, sql=True)
+    return out.getvalue()
+
+
+def current(url: str) -> str | None:
+    """The revision the database is at, None when flakectl is not installed."""
+    engine = create_engine(sqlalchemy_url(url), poolclass=pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def head() -> str:
+    return ScriptDirectory.from_config(config()).get_current_head()

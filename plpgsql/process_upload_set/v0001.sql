@@ -1,0 +1,206 @@
+-- flakectl.process_upload_set: the set-wise state machine (SPEC rules 2-7).
+--
+-- Called by process_commit / process_uploads with the repository lock held
+-- and the candidate uploads distinct, non-NULL and ascending.
+--
+-- Only the rows that can matter are read: the failure-class runs of the
+-- uploads (index on upload_id, outcome), the open flakes of the repository,
+-- and the passes of just the tests that fail here or hold an open flake.
+--
+-- The model, per test, over its runs in order (upload, timestamp, failures
+-- first on ties):
+--   * the g-th failure starts group g; group 0 holds the passes before the
+--     first failure and belongs to the open flake, if there is one;
+--   * the k-th pass of a group brings recent_passes_count to base + k, where
+--     base is the open flake's count for group 0 and 0 after a failure, so a
+--     group expires its flake at pass k = expire_after - base (at least 1:
+--     a row that starts at or above expire_after expires on its first pass);
+--     passes after that are ignored;
+--   * an expired group closes the flake: the groups after it, up to and
+--     including the next expiring one, form the next flake (a new row).
+-- Two window passes number the groups and the passes inside them; aggregates
+-- then fold groups into flakes. No loop runs over rows or tests.
+--
+-- The changes are kept in an array between statements (not a temporary
+-- table, which would churn the catalog on every call) because the writes
+-- must run in order: expire old flakes before opening new ones.
+create or replace function flakectl.process_upload_set(
+  p_repo_id bigint,
+  p_candidates bigint[],
+  p_lookback interval,
+  p_expire_after integer,
+  p_dry_run boolean,
+  p_commit_sha text
+) returns flakectl.summary
+language plpgsql
+set plan_cache_mode = force_custom_plan
+set jit = off
+as $$
+declare
+  -- the window starts lookback before now, in UTC whatever the session's TimeZone
+  v_cutoff timestamptz := (now() at time zone 'UTC' - p_lookback) at time zone 'UTC';
+  v_uploads bigint[];
+  v_tests bytea[];
+  v_changes flakectl.flake_change[];
+  v_result flakectl.summary;
+begin
+  select coalesce(array_agg(c.id order by c.id) filter (where l.upload_id is null), '{}'),
+         count(l.upload_id)
+    into v_uploads, v_result.uploads_skipped
+    from unnest(p_candidates) as c(id)
+    left join flakectl.processed_upload l on l.upload_id = c.id;
+  v_result.uploads_processed := cardinality(v_uploads);
+
+  select coalesce(array_agg(t.test_id), '{}')
+    into v_tests
+    from (
+      select r.test_id
+        from ta_timeseries_testrun r
+       where r.upload_id = any(v_uploads)
+         and r.outcome in ('failure', 'error', 'flaky_fail')
+         and r.repo_id = p_repo_id
+         and r.timestamp >= v_cutoff
+      union
+      select f.test_id
+        from test_analytics_flake f
+       where f.repoid = p_repo_id
+         and f.end_date is null
+    ) t;
+
+  with run as (
+    select r.test_id, r.upload_id, r.timestamp as ts, true as is_fail,
+           r.outcome in ('failure', 'error') as to_mark
+      from ta_timeseries_testrun r
+     where r.upload_id = any(v_uploads)
+       and r.outcome in ('failure', 'error', 'flaky_fail')
+       and r.repo_id = p_repo_id
+       and r.timestamp >= v_cutoff
+    union all
+    select r.test_id, r.upload_id, r.timestamp, false, false
+      from ta_timeseries_testrun r
+     where r.upload_id = any(v_uploads)
+       and r.outcome = 'pass'
+       and r.test_id = any(v_tests)
+       and r.repo_id = p_repo_id
+       and r.timestamp >= v_cutoff
+  ),
+  numbered as (
+    -- ROWS frames: peers (same upload, timestamp and class) must not count
+    -- each other; their relative order cannot change the outcome.
+    select test_id, upload_id, ts, is_fail,
+           count(*) filter (where is_fail) over w as grp,
+           count(*) filter (where not is_fail) over w as passes
+      from run
+    window w as (partition by test_id order by upload_id, ts, is_fail desc
+                 rows unbounded preceding)
+  ),
+  ranked as (
+    -- k: a pass's position inside its group (0 for the failure itself)
+    select test_id, ts, is_fail, grp,
+           passes - coalesce(max(passes) filter (where is_fail) over w, 0) as k
+      from numbered
+    window w as (partition by test_id order by upload_id, ts, is_fail desc
+                 rows unbounded preceding)
+  ),
+  stepped as (
+    -- limit_k: the pass that expires the group's flake; NULL where no flake
+    -- is open (passes of group 0 of a test without an open flake)
+    select r.test_id, r.grp, r.ts, r.is_fail, r.k,
+           o.id as flake_id, o.count as count0, o.fail_count as fail_count0,
+           o.recent_passes_count as rpc0, o.start_date as start_date0,
+           case when r.grp > 0 then p_expire_after
+                when o.id is not null then greatest(p_expire_after - o.recent_passes_count, 1)
+           end as limit_k
+      from ranked r
+      left join test_analytics_flake o
+        on o.repoid = p_repo_id and o.test_id = r.test_id and o.end_date is null
+  ),
+  per_group as (
+    select test_id, grp, flake_id, count0, fail_count0, start_date0,
+           case when grp = 0 then rpc0 else 0 end as base,
+           bool_or(is_fail) as has_fail,
+           min(ts) filter (where is_fail) as fail_ts,
+           count(*) filter (where not is_fail and k <= limit_k) as passes,
+           min(ts) filter (where not is_fail and k = limit_k) as expire_ts
+      from stepped
+     group by test_id, grp, flake_id, count0, fail_count0, rpc0, start_date0
+  ),
+  per_flake as (
+    -- seq: how many of the test's flakes expired before this group
+    select per_group.*,
+           count(expire_ts) over (partition by test_id order by grp
+                                  rows between unbounded preceding and 1 preceding) as seq
+      from per_group
+  ),
+  change as (
+    select test_id, seq,
+           case when seq = 0 then max(flake_id) end as flake_id,
+           max(count0) as count0, max(fail_count0) as fail_count0,
+           max(start_date0) as start_date0,
+           count(*) filter (where has_fail) as fails,
+           sum(passes) as passes,
+           (array_agg(coalesce(base, 0) + passes order by grp desc))[1] as rpc,
+           min(fail_ts) as first_fail,
+           max(expire_ts) as end_date
+      from per_flake
+     group by test_id, seq
+  )
+  select (select count(*) from run),
+         (select count(*) filter (where to_mark) from run),
+         (select coalesce(array_agg(row(
+                   c.flake_id,
+                   c.test_id,
+                   (case when c.flake_id is null then 0 else c.count0 end + c.fails + c.passes)::integer,
+                   (case when c.flake_id is null then 0 else c.fail_count0 end + c.fails)::integer,
+                   c.rpc::integer,
+                   case when c.flake_id is null then c.first_fail else c.start_date0 end,
+                   c.end_date
+                 )::flakectl.flake_change order by c.test_id, c.seq), '{}')
+            from change c
+           where c.flake_id is not null or c.fails > 0)
+    into v_result.testruns_considered, v_result.testruns_marked, v_changes;
+
+  select count(*) filter (where c.flake_id is null),
+         count(*) filter (where c.flake_id is not null),
+         count(*) filter (where c.end_date is not null)
+    into v_result.flakes_created, v_result.flakes_updated, v_result.flakes_expired
+    from unnest(v_changes) c;
+
+  if p_dry_run then
+    return v_result;
+  end if;
+
+  -- expire/update first: a new flake of the same test may only be inserted
+  -- once the old one has left the one-open-flake-per-test index
+  update test_analytics_flake f
+     set count = c.count,
+         fail_count = c.fail_count,
+         recent_passes_count = c.recent_passes_count,
+         end_date = c.end_date
+    from unnest(v_changes) c
+   where c.flake_id is not null
+     and f.id = c.flake_id;
+
+  insert into test_analytics_flake
+    (repoid, test_id, flags_id, recent_passes_count, count, fail_count, start_date, end_date)
+  select p_repo_id, c.test_id, null, c.recent_passes_count, c.count, c.fail_count,
+         c.start_date, c.end_date
+    from unnest(v_changes) c
+   where c.flake_id is null
+   order by c.test_id, c.start_date;
+
+  update ta_timeseries_testrun r
+     set outcome = 'flaky_fail'
+   where r.upload_id = any(v_uploads)
+     and r.outcome in ('failure', 'error')
+     and r.repo_id = p_repo_id
+     and r.timestamp >= v_cutoff;
+
+  insert into flakectl.processed_upload (upload_id, repo_id, commit_sha)
+  select u, p_repo_id, p_commit_sha
+    from unnest(v_uploads) as u
+  on conflict (upload_id) do nothing;
+
+  return v_result;
+end;
+$$;
