@@ -1,0 +1,26 @@
+"""flakectl: in-database flaky-test detection for Codecov test analytics."""
+
+from flakectl.api import process_commit, process_uploads
+from flakectl.errors import (
+    BadInput,
+    FlakectlError,
+    InvalidArgument,
+    LockNotAvailable,
+    NotInstalled,
+    NullArgument,
+    WrongIsolationLevel,
+)
+from flakectl.model import Summary
+
+__all__ = [
+    "BadInput",
+    "FlakectlError",
+    "InvalidArgument",
+    "LockNotAvailable",
+    "NotInstalled",
+    "NullArgument",
+    "Summary",
+    "WrongIsolationLevel",
+    "process_commit",
+    "process_uploads",
+]

@@ -1,0 +1,365 @@
+"""The reference implementation of flakectl: the oracle the SQL function is tested against.
+
+This module encodes SPEC "Semantics" in plain, sequential Python. It is written
+to be obviously right, not fast: it walks the runs one by one, in the SPEC's
+order, and keeps a dict of per-test state, exactly as the state machine in
+rule 4 reads. It never touches a database; it reads a `Snapshot` (every row a
+call may see) and returns a `Result` (the summary row and the writes the call
+would make). `apply` turns a snapshot and a result into the snapshot after
+those writes, so tests can chain calls.
+
+Entry points mirror the SQL ones:
+
+    process_commit(snapshot, repo_id, commit_sha, *, lookback, expire_after, dry_run)
+    process_uploads(snapshot, repo_id, upload_ids, *, lookback, expire_after, dry_run)
+    apply(snapshot, result)
+
+`wait` is not modelled: a snapshot is already the state as of the lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+from flakectl.errors import InvalidArgument, NullArgument
+from flakectl.model import Flake, Result, Snapshot, Summary, TestRun
+
+__all__ = [
+    "DEFAULT_EXPIRE_AFTER",
+    "DEFAULT_LOOKBACK",
+    "FAILURE_OUTCOMES",
+    "MARKED_OUTCOMES",
+    "MARKED_OUTCOME",
+    "PASS_OUTCOME",
+    "apply",
+    "outcome_class",
+    "process_commit",
+    "process_uploads",
+]
+
+DEFAULT_LOOKBACK = timedelta(days=1)
+DEFAULT_EXPIRE_AFTER = 30
+
+# Rule 3: the outcome classes. Comparison is exact (case-sensitive): 'PASS' or
+# 'Failure' are "unknown strings" and therefore ignored.
+FAILURE_OUTCOMES = frozenset({"failure", "error", "flaky_fail"})
+PASS_OUTCOME = "pass"
+# Rule 5: only these are rewritten; a flaky_fail run already is one.
+MARKED_OUTCOMES = frozenset({"failure", "error"})
+MARKED_OUTCOME = "flaky_fail"
+
+# Rule 1: which reports and uploads process_commit takes.
+TEST_RESULTS_REPORT = "test_results"
+PROCESSED_STATE = "processed"
+
+FAILURE = "failure"
+PASS = "pass"
+
+
+def outcome_class(outcome: str | None) -> str | None:
+    """Rule 3: 'failure', 'pass', or None for an outcome the state machine ignores."""
+    if outcome in FAILURE_OUTCOMES:
+        return FAILURE
+    if outcome == PASS_OUTCOME:
+        return PASS
+    return None
+
+
+# --------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------
+
+
+def process_commit(
+    snapshot: Snapshot,
+    repo_id: int,
+    commit_sha: str,
+    *,
+    lookback: timedelta = DEFAULT_LOOKBACK,
+    expire_after: int = DEFAULT_EXPIRE_AFTER,
+    dry_run: bool = False,
+) -> Result:
+    """`flakectl.process_commit`: process the commit's qualifying uploads (rule 1)."""
+    _check_arguments(
+        [
+            ("repo_id", repo_id),
+            ("commit_sha", commit_sha),
+            ("lookback", lookback),
+            ("expire_after", expire_after),
+            ("dry_run", dry_run),
+        ],
+        lookback,
+        expire_after,
+    )
+
+    # Rule 1: uploads whose report belongs to the commit (matched by repo and
+    # sha, not by commits.id), whose report is a test_results report and whose
+    # upload is processed.
+    commit_ids = {
+        commit.id
+        for commit in snapshot.commits
+        if commit.repoid == repo_id and commit.commitid == commit_sha
+    }
+    report_ids = {
+        report.id
+        for report in snapshot.reports
+        if report.commit_id in commit_ids and report.report_type == TEST_RESULTS_REPORT
+    }
+    qualifying = {
+        upload.id
+        for upload in snapshot.uploads
+        if upload.report_id in report_ids and upload.state == PROCESSED_STATE
+    }
+    return _process(snapshot, repo_id, qualifying, lookback, expire_after, dry_run)
+
+
+def process_uploads(
+    snapshot: Snapshot,
+    repo_id: int,
+    upload_ids: Sequence[int | None],
+    *,
+    lookback: timedelta = DEFAULT_LOOKBACK,
+    expire_after: int = DEFAULT_EXPIRE_AFTER,
+    dry_run: bool = False,
+) -> Result:
+    """`flakectl.process_uploads`: process the given upload ids as they are.
+
+    The list is trusted: the reports, commits and uploads tables are not read,
+    so an upload of another commit, in any state, or an id no table knows, is
+    processed (and recorded in the ledger) like any other. NULLs and
+    duplicates are dropped.
+    """
+    _check_arguments(
+        [
+            ("repo_id", repo_id),
+            ("upload_ids", upload_ids),
+            ("lookback", lookback),
+            ("expire_after", expire_after),
+            ("dry_run", dry_run),
+        ],
+        lookback,
+        expire_after,
+    )
+    wanted = {upload_id for upload_id in upload_ids if upload_id is not None}
+    return _process(snapshot, repo_id, wanted, lookback, expire_after, dry_run)
+
+
+def apply(snapshot: Snapshot, result: Result) -> Snapshot:
+    """The snapshot after `result`'s writes, as if the call had committed.
+
+    Updated flakes replace the row with their id; new flakes (id None) are
+    appended with fresh ids max(existing id) + 1, + 2, ... in result order;
+    marked runs get outcome 'flaky_fail'; the ledger gains `ledger_added`.
+    `now` is unchanged: advance it with `dataclasses.replace` if a test needs to.
+    """
+    updated = {flake.id: flake for flake in result.flakes if flake.id is not None}
+    unknown = set(updated) - {flake.id for flake in snapshot.flakes}
+    if unknown:
+        raise ValueError(f"result updates flakes not in the snapshot: {sorted(unknown)}")
+
+    flakes = [updated.get(flake.id, flake) for flake in snapshot.flakes]
+    next_id = max((flake.id for flake in snapshot.flakes if flake.id is not None), default=0) + 1
+    for flake in result.flakes:
+        if flake.id is None:
+            flakes.append(replace(flake, id=next_id))
+            next_id += 1
+
+    testruns = tuple(
+        replace(run, outcome=MARKED_OUTCOME) if run.key in result.marked else run
+        for run in snapshot.testruns
+    )
+    return replace(
+        snapshot,
+        flakes=tuple(flakes),
+        testruns=testruns,
+        ledger=snapshot.ledger | frozenset(result.ledger_added),
+    )
+
+
+# --------------------------------------------------------------------------
+# Argument checks (rule 10)
+# --------------------------------------------------------------------------
+
+
+def _check_arguments(
+    named: Iterable[tuple[str, object]], lookback: timedelta | None, expire_after: int | None
+) -> None:
+    # NULLs first (22004), in parameter order, then ranges (22023).
+    for name, value in named:
+        if value is None:
+            raise NullArgument(f"{name} must not be NULL, got NULL")
+    if lookback < timedelta(0):
+        raise InvalidArgument(f"lookback must not be negative, got {lookback}")
+    if expire_after < 1:
+        raise InvalidArgument(f"expire_after must be at least 1, got {expire_after}")
+
+
+# --------------------------------------------------------------------------
+# The shared body: rules 2-7
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class _Tracked:
+    """A flake the call holds as state (or has held): its current values and
+    what the call has done to it."""
+
+    flake: Flake
+    is_new: bool  # opened by this call
+    changed: bool = False  # touched by this call (always True for a new one)
+
+
+def _process(
+    snapshot: Snapshot,
+    repo_id: int,
+    upload_ids: set[int],
+    lookback: timedelta,
+    expire_after: int,
+    dry_run: bool,
+) -> Result:
+    # Rule 7: uploads already in the ledger are skipped (each counted once;
+    # `upload_ids` is a set); the rest are processed in ascending id order.
+    skipped = sorted(u for u in upload_ids if u in snapshot.ledger)
+    processed = sorted(u for u in upload_ids if u not in snapshot.ledger)
+    processed_set = set(processed)
+    upload_rank = {upload_id: rank for rank, upload_id in enumerate(processed)}
+
+    # Rule 2: runs of the processed uploads, in the window, of this repo.
+    # Runs whose outcome is neither class are dropped here (rule 3): they are
+    # neither considered nor marked.
+    cutoff = snapshot.now - lookback
+    runs = [
+        run
+        for run in snapshot.testruns
+        if run.upload_id in processed_set
+        and run.repo_id == repo_id
+        and run.timestamp >= cutoff
+        and outcome_class(run.outcome) is not None
+    ]
+
+    # Rule 2's order: upload id, then timestamp, then failures before passes
+    # (a retry follows the failure it retries). The run key only makes the
+    # order total; runs of equal class at an equal timestamp have the same
+    # effect in either order.
+    def order(run: TestRun) -> tuple[int, datetime, int, int]:
+        return (
+            upload_rank[run.upload_id],
+            run.timestamp,
+            0 if outcome_class(run.outcome) == FAILURE else 1,
+            run.key,
+        )
+
+    runs.sort(key=order)
+
+    # Rule 6: the state is the repo's open flakes; expired rows are history
+    # and are never loaded (trap: loading them updates history rows).
+    open_flake: dict[bytes, _Tracked] = {}
+    for flake in snapshot.flakes:
+        if flake.repoid == repo_id and flake.end_date is None:
+            if flake.test_id in open_flake:
+                raise ValueError(
+                    f"snapshot has two open flakes for repo {repo_id}, test {flake.test_id!r}"
+                )
+            open_flake[flake.test_id] = _Tracked(flake, is_new=False)
+    # Every flake that is or was state in this call, in the order it became
+    # state: pre-existing ones first, then new ones as they open.
+    tracked: list[_Tracked] = list(open_flake.values())
+
+    # The tests that matter (SPEC "Set-wise"): those failing in the call and
+    # those holding an open flake before it. A pass of any other test cannot
+    # change anything and is not counted as considered.
+    failing_tests = {run.test_id for run in runs if outcome_class(run.outcome) == FAILURE}
+    tests_that_matter = failing_tests | set(open_flake)
+
+    considered = 0
+    marked: set[int] = set()
+
+    # Rule 4: the state machine, run by run.
+    for run in runs:
+        kind = outcome_class(run.outcome)
+        if kind == PASS and run.test_id not in tests_that_matter:
+            continue
+        considered += 1
+        state = open_flake.get(run.test_id)
+
+        if kind == FAILURE:
+            # Rule 5: failure and error runs become flaky_fail; a flaky_fail
+            # run already is one and is not rewritten.
+            if run.outcome in MARKED_OUTCOMES:
+                marked.add(run.key)
+            if state is None:
+                # No open flake (never had one, or it expired earlier, even in
+                # this call): open a NEW row. Dates come from the data.
+                state = _Tracked(
+                    Flake(
+                        id=None,
+                        repoid=repo_id,
+                        test_id=run.test_id,
+                        flags_id=None,
+                        recent_passes_count=0,
+                        count=1,
+                        fail_count=1,
+                        start_date=run.timestamp,
+                        end_date=None,
+                    ),
+                    is_new=True,
+                    changed=True,
+                )
+                open_flake[run.test_id] = state
+                tracked.append(state)
+            else:
+                state.flake = replace(
+                    state.flake,
+                    count=state.flake.count + 1,
+                    fail_count=state.flake.fail_count + 1,
+                    recent_passes_count=0,
+                )
+                state.changed = True
+        else:
+            if state is None:
+                # No open flake: the pass is considered (its test matters)
+                # but changes nothing.
+                continue
+            flake = replace(
+                state.flake,
+                count=state.flake.count + 1,
+                recent_passes_count=state.flake.recent_passes_count + 1,
+            )
+            # `>=`, not `==`: a row that starts at or above expire_after
+            # expires on its first pass (trap).
+            if flake.recent_passes_count >= expire_after:
+                flake = replace(flake, end_date=run.timestamp)
+                # No longer state: later passes are ignored until a failure
+                # opens a new flake.
+                del open_flake[run.test_id]
+            state.flake = flake
+            state.changed = True
+
+    # Rule 4's last point: every field of every touched flake is written,
+    # expired ones included (trap: writing only end_date loses count and rpc).
+    touched = [t for t in tracked if t.changed]
+    summary = Summary(
+        uploads_processed=len(processed),
+        uploads_skipped=len(skipped),
+        testruns_considered=considered,
+        flakes_created=sum(1 for t in touched if t.is_new),
+        flakes_updated=sum(1 for t in touched if not t.is_new),
+        # Every tracked flake was open when it became state, so a set end_date
+        # means it expired in this call.
+        flakes_expired=sum(1 for t in touched if t.flake.end_date is not None),
+        testruns_marked=len(marked),
+    )
+    if dry_run:
+        return Result(summary=summary)
+
+    # Deterministic order: by test id, then the order each flake became state
+    # (the pre-existing one, then new ones as opened). sort() is stable.
+    touched.sort(key=lambda t: t.flake.test_id)
+    return Result(
+        summary=summary,
+        flakes=tuple(t.flake for t in touched),
+        marked=frozenset(marked),
+        ledger_added=tuple(processed),
+    )

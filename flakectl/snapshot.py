@@ -1,0 +1,110 @@
+"""Read the rows a call can see into a `Snapshot`, and the state a call leaves.
+
+Used by `flakectl verify` (reference vs. function on real data, inside a
+rolled-back transaction) and by the tests. Run it in the same transaction as
+the call it is compared with, after taking the repository's lock, so both see
+the same rows and the same now().
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+import psycopg
+from psycopg.rows import class_row
+
+from flakectl.model import Commit, CommitReport, Flake, Snapshot, TestRun, Upload
+
+FLAKE_COLUMNS = (
+    "id, repoid, test_id, flags_id, recent_passes_count, count, fail_count, start_date, end_date"
+)
+
+
+def _rows(conn: psycopg.Connection, cls: type, query: str, params: Sequence | dict = ()) -> list:
+    with conn.cursor(row_factory=class_row(cls)) as cur:
+        cur.execute(query, params)
+        return cur.fetchall()
+
+
+def read_snapshot(
+    conn: psycopg.Connection,
+    repo_id: int,
+    *,
+    commit_sha: str | None = None,
+    upload_ids: Iterable[int | None] | None = None,
+) -> Snapshot:
+    """The rows `process_commit(repo_id, commit_sha)` (or `process_uploads`)
+    can read: the commit's commits/reports/uploads rows, the runs of the
+    candidate uploads, the repository's flakes and the ledger rows of those
+    uploads. With neither commit_sha nor upload_ids: all rows of the repo."""
+    if commit_sha is not None:
+        commits = _rows(conn, Commit,
+                        "select id, commitid, repoid, branch, merged, timestamp from commits"
+                        " where repoid = %s and commitid = %s order by id", (repo_id, commit_sha))
+    elif upload_ids is None:
+        commits = _rows(conn, Commit,
+                        "select id, commitid, repoid, branch, merged, timestamp from commits"
+                        " where repoid = %s order by id", (repo_id,))
+    else:
+        commits = []
+    commit_ids = [c.id for c in commits]
+    reports = _rows(conn, CommitReport,
+                    "select id, commit_id, code, report_type from reports_commitreport"
+                    " where commit_id = any(%s) order by id", (commit_ids,))
+    uploads = _rows(conn, Upload,
+                    "select id, report_id, state, created_at from reports_upload"
+                    " where report_id = any(%s) order by id", ([r.id for r in reports],))
+    candidates = sorted({u for u in upload_ids if u is not None}) if upload_ids is not None else []
+    candidates = sorted(set(candidates) | {u.id for u in uploads})
+    with conn.cursor() as cur:
+        cur.execute(
+            "select timestamp, test_id, outcome, repo_id, upload_id, commit_sha"
+            "  from ta_timeseries_testrun where upload_id = any(%s)"
+            " order by upload_id, timestamp, test_id, outcome",
+            (candidates,),
+        )
+        testruns = [
+            TestRun(key, ts, bytes(test_id), outcome, repo, upload, sha)
+            for key, (ts, test_id, outcome, repo, upload, sha) in enumerate(cur.fetchall())
+        ]
+        cur.execute(
+            "select upload_id from flakectl.processed_upload where upload_id = any(%s)",
+            (candidates,),
+        )
+        ledger = frozenset(row[0] for row in cur.fetchall())
+        cur.execute("select now()")
+        (now,) = cur.fetchone()
+    return Snapshot(
+        now=now,
+        commits=tuple(commits),
+        reports=tuple(reports),
+        uploads=tuple(uploads),
+        testruns=tuple(testruns),
+        flakes=tuple(read_flakes(conn, repo_id)),
+        ledger=ledger,
+    )
+
+
+def read_flakes(conn: psycopg.Connection, repo_id: int) -> list[Flake]:
+    flakes = _rows(conn, Flake,
+                   f"select {FLAKE_COLUMNS} from test_analytics_flake where repoid = %s order by id",
+                   (repo_id,))
+    return [_with_bytes(f) for f in flakes]
+
+
+def _with_bytes(flake: Flake) -> Flake:
+    # psycopg returns bytea as bytes already; memoryview appears with some loaders
+    from dataclasses import replace
+
+    return replace(
+        flake,
+        test_id=bytes(flake.test_id),
+        flags_id=None if flake.flags_id is None else bytes(flake.flags_id),
+    )
+
+
+def run_outcomes(runs: Iterable[TestRun]) -> Counter:
+    """Runs as a multiset of (upload_id, test_id, timestamp, repo_id, outcome):
+    the table has no key, so runs are compared by content."""
+    return Counter((r.upload_id, r.test_id, r.timestamp, r.repo_id, r.outcome) for r in runs)
