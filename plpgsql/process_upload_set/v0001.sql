@@ -140,7 +140,9 @@ begin
            count(*) filter (where has_fail) as fails,
            sum(passes) as passes,
            (array_agg(coalesce(base, 0) + passes order by grp desc))[1] as rpc,
-           min(fail_ts) as first_fail,
+           -- the first failure in run order, not the earliest timestamp: a
+           -- later upload may carry an older timestamp
+           (array_agg(fail_ts order by grp) filter (where has_fail))[1] as first_fail,
            max(expire_ts) as end_date
       from per_flake
      group by test_id, seq
