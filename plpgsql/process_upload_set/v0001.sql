@@ -19,7 +19,7 @@
 --   * an expired group closes the flake: the groups after it, up to and
 --     including the next expiring one, form the next flake (a new row).
 -- Two window passes number the groups and the passes inside them; aggregates
--- then fold groups into flakes. No loop runs over rows or tests.
+-- then fold groups into flakes; nothing iterates over rows or tests.
 --
 -- The changes are kept in an array between statements (not a temporary
 -- table, which would churn the catalog on every call) because the writes
