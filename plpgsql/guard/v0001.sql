@@ -44,8 +44,8 @@ begin
   end if;
   if v_isolation <> 'read committed' then
     raise exception using errcode = '0A000',
-      message = format('flakectl: cannot process under %s isolation', upper(v_isolation)),
-      detail = 'The transaction snapshot predates the repository lock, so writes of the call that held the lock before would be invisible.',
+      message = format('flakectl: refusing to run under %s isolation: its snapshot predates the repository lock, '
+                       'so the previous call''s writes would be invisible; use READ COMMITTED', upper(v_isolation)),
       hint = 'Run the call in a READ COMMITTED transaction (PostgreSQL''s default).';
   end if;
 
