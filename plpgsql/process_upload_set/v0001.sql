@@ -67,7 +67,17 @@ begin
          and f.end_date is null
     ) t;
 
-  with run as (
+  with test as (
+    -- the tests that matter, numbered (an int4 sorts faster than a bytea),
+    -- with their open flake; lim0 is the pass of group 0 that expires it
+    select t.idx::integer as idx, t.test_id, o.id as flake_id, o.count as count0,
+           o.fail_count as fail_count0, o.recent_passes_count as rpc0, o.start_date as start_date0,
+           greatest(p_expire_after - o.recent_passes_count, 1) as lim0
+      from unnest(v_tests) with ordinality as t(test_id, idx)
+      left join test_analytics_flake o
+        on o.repoid = p_repo_id and o.test_id = t.test_id and o.end_date is null
+  ),
+  run as (
     select r.test_id, r.upload_id, r.timestamp as ts, true as is_fail,
            r.outcome in ('failure', 'error') as to_mark
       from ta_timeseries_testrun r
@@ -85,82 +95,67 @@ begin
        and r.timestamp >= v_cutoff
   ),
   numbered as (
-    -- ROWS frames: peers (same upload, timestamp and class) must not count
-    -- each other; their relative order cannot change the outcome.
-    select test_id, upload_id, ts, is_fail,
-           count(*) filter (where is_fail) over w as grp,
-           count(*) filter (where not is_fail) over w as passes
-      from run
-    window w as (partition by test_id order by upload_id, ts, is_fail desc
+    select t.idx, t.lim0, r.upload_id, r.ts, r.is_fail, r.to_mark,
+           count(*) filter (where r.is_fail) over w as grp,
+           count(*) filter (where not r.is_fail) over w as passes
+      from run r
+      join test t on t.test_id = r.test_id
+    window w as (partition by t.idx order by r.upload_id, r.ts, r.is_fail desc
                  rows unbounded preceding)
   ),
   ranked as (
-    -- k: a pass's position inside its group (0 for the failure itself)
-    select test_id, ts, is_fail, grp,
+    select idx, ts, is_fail, to_mark, grp,
+           case when grp > 0 then p_expire_after else lim0 end as limit_k,
            passes - coalesce(max(passes) filter (where is_fail) over w, 0) as k
       from numbered
-    window w as (partition by test_id order by upload_id, ts, is_fail desc
+    window w as (partition by idx order by upload_id, ts, is_fail desc
                  rows unbounded preceding)
   ),
-  stepped as (
-    -- limit_k: the pass that expires the group's flake; NULL where no flake
-    -- is open (passes of group 0 of a test without an open flake)
-    select r.test_id, r.grp, r.ts, r.is_fail, r.k,
-           o.id as flake_id, o.count as count0, o.fail_count as fail_count0,
-           o.recent_passes_count as rpc0, o.start_date as start_date0,
-           case when r.grp > 0 then p_expire_after
-                when o.id is not null then greatest(p_expire_after - o.recent_passes_count, 1)
-           end as limit_k
-      from ranked r
-      left join test_analytics_flake o
-        on o.repoid = p_repo_id and o.test_id = r.test_id and o.end_date is null
-  ),
   per_group as (
-    select test_id, grp, flake_id, count0, fail_count0, start_date0,
-           case when grp = 0 then rpc0 else 0 end as base,
+    select idx, grp,
+           count(*) as considered,
+           count(*) filter (where to_mark) as marked,
            bool_or(is_fail) as has_fail,
            min(ts) filter (where is_fail) as fail_ts,
            count(*) filter (where not is_fail and k <= limit_k) as passes,
            min(ts) filter (where not is_fail and k = limit_k) as expire_ts
-      from stepped
-     group by test_id, grp, flake_id, count0, fail_count0, rpc0, start_date0
+      from ranked
+     group by idx, grp
   ),
   per_flake as (
-    -- seq: how many of the test's flakes expired before this group
     select per_group.*,
-           count(expire_ts) over (partition by test_id order by grp
+           count(expire_ts) over (partition by idx order by grp
                                   rows between unbounded preceding and 1 preceding) as seq
       from per_group
   ),
   change as (
-    select test_id, seq,
-           case when seq = 0 then max(flake_id) end as flake_id,
-           max(count0) as count0, max(fail_count0) as fail_count0,
-           max(start_date0) as start_date0,
+    select idx, seq,
+           sum(considered) as considered,
+           sum(marked) as marked,
            count(*) filter (where has_fail) as fails,
            sum(passes) as passes,
-           (array_agg(coalesce(base, 0) + passes order by grp desc))[1] as rpc,
-           -- the first failure in run order, not the earliest timestamp: a
-           -- later upload may carry an older timestamp
+           max(grp) as last_grp,
+           (array_agg(passes order by grp desc))[1] as last_passes,
            (array_agg(fail_ts order by grp) filter (where has_fail))[1] as first_fail,
            max(expire_ts) as end_date
       from per_flake
-     group by test_id, seq
+     group by idx, seq
   )
-  select (select count(*) from run),
-         (select count(*) filter (where to_mark) from run),
-         (select coalesce(array_agg(row(
-                   c.flake_id,
-                   c.test_id,
-                   (case when c.flake_id is null then 0 else c.count0 end + c.fails + c.passes)::integer,
-                   (case when c.flake_id is null then 0 else c.fail_count0 end + c.fails)::integer,
-                   c.rpc::integer,
-                   case when c.flake_id is null then c.first_fail else c.start_date0 end,
+  select coalesce(sum(c.considered), 0),
+         coalesce(sum(c.marked), 0),
+         coalesce(array_agg(row(
+                   case when c.seq = 0 then t.flake_id end,
+                   t.test_id,
+                   (case when c.seq = 0 and t.flake_id is not null then t.count0 else 0 end + c.fails + c.passes)::integer,
+                   (case when c.seq = 0 and t.flake_id is not null then t.fail_count0 else 0 end + c.fails)::integer,
+                   (case when c.last_grp = 0 then t.rpc0 else 0 end + c.last_passes)::integer,
+                   case when c.seq = 0 and t.flake_id is not null then t.start_date0 else c.first_fail end,
                    c.end_date
-                 )::flakectl.flake_change order by c.test_id, c.seq), '{}')
-            from change c
-           where c.flake_id is not null or c.fails > 0)
-    into v_result.testruns_considered, v_result.testruns_marked, v_changes;
+                 )::flakectl.flake_change order by t.test_id, c.seq)
+                 filter (where (c.seq = 0 and t.flake_id is not null) or c.fails > 0), '{}')
+    into v_result.testruns_considered, v_result.testruns_marked, v_changes
+    from change c
+    join test t on t.idx = c.idx;
 
   select count(*) filter (where c.flake_id is null),
          count(*) filter (where c.flake_id is not null),
