@@ -1,0 +1,619 @@
+"""The flakectl command, in-process through main(argv), against real servers:
+every subcommand, each user-mistake path (one line, exit 1; usage: exit 2),
+and `verify` catching deliberately corrupted function bodies."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import timedelta
+
+import psycopg
+import pytest
+
+import flakectl
+from flakectl import sqlfiles
+from flakectl.cli import build_parser, main
+from flakectl.durations import format_duration, parse_duration
+
+from builders import Repo, at
+
+HEAD = "0003"
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run `flakectl ARGS...`: (exit code, stdout, stderr)."""
+    for name in ("FLAKECTL_DATABASE_URL", "FLAKECTL_REPO", "FLAKECTL_LOOKBACK", "FLAKECTL_JSON",
+                 "FLAKECTL_COMMIT", "FLAKECTL_UPLOADS", "FLAKECTL_EXPIRE_AFTER"):
+        monkeypatch.delenv(name, raising=False)
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main([str(a) for a in argv])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def one_error_line(err: str) -> str:
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("flakectl: error: "), err
+    assert "Traceback" not in err
+    return lines[0][len("flakectl: error: "):]
+
+
+@pytest.fixture
+def repo(conn: psycopg.Connection) -> Repo:
+    return Repo(conn)
+
+
+def history(repo: Repo) -> dict[str, int]:
+    """Commit sha1: test a fails then passes, b fails twice, c passes; committed."""
+    up1 = repo.upload("sha1")
+    up2 = repo.upload("sha1")
+    repo.runs(up1, ("a", "failure", at(1)), ("b", "error", at(1)), ("c", "pass", at(1)))
+    repo.runs(up2, ("a", "pass", at(2)), ("b", "failure", at(2)), ("c", "pass", at(2)))
+    repo.conn.commit()
+    return {"up1": up1, "up2": up2}
+
+
+SHA1_SUMMARY = dict(uploads_processed=2, uploads_skipped=0, testruns_considered=4, flakes_created=2,
+                    flakes_updated=0, flakes_expired=0, testruns_marked=3)
+
+
+def state(conn: psycopg.Connection) -> tuple[list, list, list]:
+    """(flakes, run outcomes, ledger) as plain rows, for before/after comparisons."""
+    conn.commit()
+    flakes = conn.execute("select test_id, count, fail_count, recent_passes_count, end_date"
+                          " from test_analytics_flake order by id").fetchall()
+    runs = conn.execute("select upload_id, test_id, outcome from ta_timeseries_testrun"
+                        " order by upload_id, test_id, outcome").fetchall()
+    ledger = conn.execute("select upload_id from flakectl.processed_upload order by 1").fetchall()
+    conn.commit()
+    return flakes, runs, ledger
+
+
+# --- durations --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, value", [
+    ("1d", timedelta(days=1)), ("12h", timedelta(hours=12)), ("30m", timedelta(minutes=30)),
+    ("90s", timedelta(seconds=90)), ("2w", timedelta(weeks=2)), ("1d12h", timedelta(hours=36)),
+    (" 2D ", timedelta(days=2)), ("0s", timedelta(0)),
+])
+def test_parse_duration(text, value):
+    assert parse_duration(text) == value
+
+
+@pytest.mark.parametrize("text", ["xyz", "", "1", "d", "1.5d", "-1d", "1y", "1d x"])
+def test_parse_duration_refuses(text):
+    with pytest.raises(ValueError, match="invalid duration .* e.g. 1d, 12h, 30m, 90s, 2w"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("value, text", [
+    (timedelta(days=30), "30d"), (timedelta(days=14), "2w"), (timedelta(hours=36), "36h"),
+    (timedelta(seconds=90), "90s"), (timedelta(0), "0s"),
+])
+def test_format_duration(value, text):
+    assert format_duration(value) == text
+    assert parse_duration(text) == value
+
+
+# --- help and usage ---------------------------------------------------------
+
+
+SUBCOMMANDS = [["db", "upgrade"], ["db", "downgrade"], ["db", "current"], ["db", "sql"], ["process"],
+               ["verify"], ["status"], ["prune"], ["demo"]]
+
+
+@pytest.mark.parametrize("words", SUBCOMMANDS, ids=" ".join)
+def test_help_has_an_example_and_every_flags_env_var(cli, words):
+    code, out, err = cli(*words, "--help")
+    assert (code, err) == (0, "")
+    assert "\nexample:\n" in out
+    assert "flakectl " + " ".join(words) in out.split("\nexample:\n")[1]
+    flags = set(re.findall(r"^  (--[a-z-]+)", out, re.M)) - {"--help"}
+    assert flags, out
+    text = " ".join(out.split())
+    for flag in flags:
+        name = "DATABASE_URL" if flag == "--dsn" else flag[2:].upper().replace("-", "_")
+        assert f"env: FLAKECTL_{name}" in text, flag
+
+
+def test_top_level_help_lists_the_commands(cli):
+    code, out, _ = cli("--help")
+    assert code == 0
+    for name in ("db", "process", "verify", "status", "prune", "demo"):
+        assert re.search(rf"^    {name} ", out, re.M)
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "the following arguments are required: COMMAND (see `flakectl --help`)"),
+    (["process", "--repo", "1", "--commit", "s", "--lookback", "xyz"],
+     "argument --lookback: invalid duration 'xyz': use a number and a unit (w, d, h, m, s),"
+     " e.g. 1d, 12h, 30m, 90s, 2w or 1d12h (see `flakectl process --help`)"),
+    (["process", "--repo", "1", "--commit", "s", "--expire-after", "0"],
+     "argument --expire-after: must be at least 1, got 0 (see `flakectl process --help`)"),
+    (["process", "--repo", "one", "--commit", "s"],
+     "argument --repo: expected a whole number, got 'one' (see `flakectl process --help`)"),
+    (["process", "--repo", "1"], "give --commit or --uploads (or set FLAKECTL_COMMIT or FLAKECTL_UPLOADS)"),
+    (["process", "--commit", "s"], "--repo is required (or set FLAKECTL_REPO)"),
+    (["process", "--repo", "1", "--commit", "s", "--uploads", "1"],
+     "argument --uploads: not allowed with argument --commit (see `flakectl process --help`)"),
+    (["process", "--repo", "1", "--uploads", "1,x"],
+     "argument --uploads: expected upload ids separated by commas, e.g. 11,12,13, got '1,x'"
+     " (see `flakectl process --help`)"),
+    (["prune", "--older-than", "soon"],
+     "argument --older-than: invalid duration 'soon': use a number and a unit (w, d, h, m, s),"
+     " e.g. 1d, 12h, 30m, 90s, 2w or 1d12h (see `flakectl prune --help`)"),
+    (["db", "downgrade"], "the following arguments are required: REV (see `flakectl db downgrade --help`)"),
+    (["demo", "--tests", "0"], "argument --tests: must be at least 1, got 0 (see `flakectl demo --help`)"),
+    (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate' (choose from 'db', 'process',"
+                     " 'verify', 'status', 'prune', 'demo') (see `flakectl --help`)"),
+])
+def test_usage_errors_are_one_line_and_exit_2(cli, argv, message):
+    code, out, err = cli(*argv)
+    assert (code, out) == (2, "")
+    assert one_error_line(err) == message
+
+
+def test_environment_supplies_options_and_flags_win(cli, monkeypatch, db_url, repo):
+    history(repo)
+    monkeypatch.setenv("FLAKECTL_DATABASE_URL", db_url)
+    monkeypatch.setenv("FLAKECTL_REPO", "1")
+    monkeypatch.setenv("FLAKECTL_COMMIT", "sha1")
+    monkeypatch.setenv("FLAKECTL_JSON", "yes")
+    code, out, _ = cli("process", "--dry-run")
+    assert code == 0
+    assert json.loads(out) == {**SHA1_SUMMARY, "dry_run": True}
+    # --uploads on the command line wins over FLAKECTL_COMMIT
+    code, out, _ = cli("process", "--dry-run", "--uploads", "999")
+    assert json.loads(out)["uploads_processed"] == 1
+    assert json.loads(out)["testruns_considered"] == 0
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("FLAKECTL_LOOKBACK", "xyz", "FLAKECTL_LOOKBACK='xyz' (for --lookback): invalid duration 'xyz'"),
+    ("FLAKECTL_JSON", "maybe", "FLAKECTL_JSON='maybe' (for --json): expected 1/0, true/false"),
+])
+def test_bad_environment_values_are_usage_errors(cli, monkeypatch, name, value, message):
+    monkeypatch.setenv(name, value)
+    code, _, err = cli("process", "--repo", "1", "--commit", "s")
+    assert code == 2
+    assert one_error_line(err).startswith(message)
+
+
+# --- connecting -------------------------------------------------------------
+
+
+def test_connection_refused_is_one_line(cli):
+    code, out, err = cli("status", "--dsn", "postgresql://postgres@127.0.0.1:1/nowhere")
+    assert (code, out) == (1, "")
+    line = one_error_line(err)
+    assert line.startswith("cannot connect to PostgreSQL at 127.0.0.1:1, database nowhere: ")
+    assert line.endswith("; check --dsn, $FLAKECTL_DATABASE_URL or the PG* variables")
+
+
+def test_malformed_dsn_is_one_line(cli):
+    code, _, err = cli("process", "--repo", "1", "--commit", "s", "--dsn", "nonsense")
+    assert code == 1
+    assert one_error_line(err) == (
+        'cannot connect to PostgreSQL at (an unreadable DSN): missing "=" after "nonsense" in'
+        " connection info string; check --dsn, $FLAKECTL_DATABASE_URL or the PG* variables")
+
+
+def test_libpq_variables_when_no_dsn(cli, monkeypatch, server, db_url):
+    params = psycopg.conninfo.conninfo_to_dict(db_url)
+    for key, env in (("host", "PGHOST"), ("port", "PGPORT"), ("user", "PGUSER"), ("dbname", "PGDATABASE")):
+        monkeypatch.setenv(env, str(params[key]))
+    code, out, _ = cli("db", "current")
+    assert (code, out) == (0, f"{HEAD} (head)\n")
+
+
+def test_key_value_dsn(cli, db_url):
+    params = psycopg.conninfo.conninfo_to_dict(db_url)
+    code, out, _ = cli("db", "current", "--dsn", psycopg.conninfo.make_conninfo(**params))
+    assert (code, out) == (0, f"{HEAD} (head)\n")
+
+
+# --- db ---------------------------------------------------------------------
+
+
+def function_names(url: str) -> list[str]:
+    with psycopg.connect(url) as c:
+        return [n for (n,) in c.execute(
+            "select p.proname from pg_proc p join pg_namespace n on n.oid = p.pronamespace"
+            " where n.nspname = 'flakectl' order by 1")]
+
+
+def test_db_upgrade_current_downgrade(cli, empty_db_url):
+    assert cli("db", "current", "--dsn", empty_db_url) == (0, f"none (not installed; head is {HEAD})\n", "")
+    assert cli("db", "upgrade", "0002", "--dsn", empty_db_url) == (
+        0, "", "flakectl: upgraded from nothing to 0002\n")
+    code, out, _ = cli("db", "current", "--json", "--dsn", empty_db_url)
+    assert json.loads(out) == {"revision": "0002", "head": HEAD, "up_to_date": False}
+    assert cli("db", "current", "--dsn", empty_db_url)[1] == f"0002 (head is {HEAD})\n"
+    assert "prune_ledger" not in function_names(empty_db_url)
+
+    assert cli("db", "upgrade", "--dsn", empty_db_url) == (0, "", f"flakectl: upgraded from 0002 to {HEAD}\n")
+    assert function_names(empty_db_url) == ["guard", "process_commit", "process_upload_set",
+                                            "process_uploads", "prune_ledger"]
+    assert cli("db", "upgrade", "--dsn", empty_db_url) == (0, "", f"flakectl: already at {HEAD}\n")
+
+    assert cli("db", "downgrade", "0002", "--dsn", empty_db_url) == (
+        0, "", f"flakectl: downgraded from {HEAD} to 0002\n")
+    assert "prune_ledger" not in function_names(empty_db_url)
+    assert cli("db", "downgrade", "base", "--dsn", empty_db_url) == (
+        0, "", "flakectl: downgraded from 0002 to nothing (flakectl removed)\n")
+    assert function_names(empty_db_url) == []
+    with psycopg.connect(empty_db_url) as c:
+        assert c.execute("select to_regnamespace('flakectl')").fetchone() == (None,)
+
+
+def test_db_unknown_revision(cli, empty_db_url):
+    code, out, err = cli("db", "upgrade", "0099", "--dsn", empty_db_url)
+    assert (code, out) == (1, "")
+    assert one_error_line(err) == (
+        f"Can't locate revision identified by '0099'; known revisions: 0001, 0002, {HEAD}, or head / base")
+    assert cli("db", "sql", "nope")[0] == 1
+
+
+def test_db_upgrade_failure_is_one_line_and_changes_nothing(cli, db_url, empty_db_url):
+    # Two open flakes for one test: revision 0002 refuses (its guard names them).
+    assert cli("db", "upgrade", "0001", "--dsn", empty_db_url)[0] == 0
+    with psycopg.connect(empty_db_url) as c:
+        c.execute("insert into test_analytics_flake (repoid, test_id, recent_passes_count, count,"
+                  " fail_count, start_date) values (1, 'a', 0, 1, 1, now()), (1, 'a', 0, 1, 1, now())")
+    code, _, err = cli("db", "upgrade", "--dsn", empty_db_url)
+    assert code == 1
+    line = one_error_line(err)
+    assert line.startswith("migration failed, nothing was changed: test_analytics_flake has more than"
+                           " one open flake for a test; nothing was changed (Close all but the newest")
+    assert cli("db", "current", "--dsn", empty_db_url)[1] == f"0001 (head is {HEAD})\n"
+
+
+def _psql(server, url: str, sql: str) -> None:
+    import shutil
+    import subprocess
+
+    psql = server.bin_dir / "psql"
+    psql = str(psql) if psql.exists() else shutil.which("psql")
+    assert psql, "psql not found"
+    subprocess.run([psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url], input=sql, text=True,
+                   check=True, capture_output=True)
+
+
+def definitions(url: str) -> dict[str, str]:
+    with psycopg.connect(url) as c:
+        return dict(c.execute(
+            "select p.proname, pg_get_functiondef(p.oid) from pg_proc p"
+            " join pg_namespace n on n.oid = p.pronamespace where n.nspname = 'flakectl'"))
+
+
+def test_db_sql_applied_by_psql_equals_an_online_upgrade(cli, server, db_url, empty_db_url):
+    code, sql, err = cli("db", "sql")
+    assert (code, err) == (0, "")
+    assert sql.startswith("BEGIN;\n") and sql.rstrip().endswith("COMMIT;")
+    assert "%%" not in sql
+    for path in sqlfiles.released():
+        name, version = path.split("/")
+        assert sqlfiles.body(name, int(version[1:5])).strip() in sql, path
+    _psql(server, empty_db_url, sql)
+    assert definitions(empty_db_url) == definitions(db_url)
+    # the bodies' format('%s') survived: the message names the value
+    with psycopg.connect(empty_db_url) as c, pytest.raises(psycopg.errors.InvalidParameterValue) as info:
+        c.execute("select flakectl.prune_ledger(interval '1 day')")
+    assert info.value.diag.message_primary.endswith("got 1 day")
+    assert cli("db", "current", "--dsn", empty_db_url)[1] == f"{HEAD} (head)\n"
+
+
+def test_db_sql_from_a_revision(cli, server, empty_db_url):
+    assert cli("db", "upgrade", "0002", "--dsn", empty_db_url)[0] == 0
+    code, sql, _ = cli("db", "sql", "--from", "0002")
+    assert code == 0
+    assert "-- Running upgrade 0002 -> 0003" in sql
+    assert "0001 ->" not in sql and "create table" not in sql
+    _psql(server, empty_db_url, sql)
+    assert "prune_ledger" in function_names(empty_db_url)
+
+
+# --- process ----------------------------------------------------------------
+
+
+def test_process_commit_text(cli, db_url, repo):
+    history(repo)
+    code, out, err = cli("process", "--dsn", db_url, "--repo", "1", "--commit", "sha1")
+    assert (code, err) == (0, "")
+    assert out == (
+        "uploads_processed    2\n"
+        "uploads_skipped      0\n"
+        "testruns_considered  4\n"
+        "flakes_created       2\n"
+        "flakes_updated       0\n"
+        "flakes_expired       0\n"
+        "testruns_marked      3\n")
+    flakes, runs, ledger = state(repo.conn)
+    assert [(bytes(t), c, f, r, e) for t, c, f, r, e in flakes] == [
+        (b"a", 2, 1, 1, None), (b"b", 2, 2, 0, None)]
+    assert len(ledger) == 2
+
+    code, out, err = cli("process", "--dsn", db_url, "--repo", "1", "--commit", "sha1", "--json")
+    assert json.loads(out) == {**dict.fromkeys(SHA1_SUMMARY, 0), "uploads_skipped": 2, "dry_run": False}
+    assert err == ("flakectl: nothing to process for commit sha1 of repository 1: its 2 upload(s)"
+                   " were processed before\n")
+
+
+def test_process_options_reach_the_function(cli, db_url, repo):
+    history(repo)
+    before = state(repo.conn)
+    code, out, err = cli("process", "--dsn", db_url, "--repo", "1", "--commit", "sha1", "--dry-run",
+                         "--json", "--expire-after", "1")
+    assert code == 0
+    assert json.loads(out) == {**SHA1_SUMMARY, "flakes_updated": 0, "flakes_expired": 1, "dry_run": True}
+    assert err == "flakectl: dry run: nothing was written\n"
+    assert state(repo.conn) == before
+    # a lookback shorter than the runs' age leaves only their uploads
+    code, out, _ = cli("process", "--dsn", db_url, "--repo", "1", "--commit", "sha1", "--dry-run",
+                       "--json", "--lookback", "1m")
+    assert json.loads(out) == {**dict.fromkeys(SHA1_SUMMARY, 0), "uploads_processed": 2, "dry_run": True}
+
+
+def test_process_uploads(cli, db_url, repo):
+    ups = history(repo)
+    code, out, _ = cli("process", "--dsn", db_url, "--repo", "1", "--uploads", f"{ups['up2']}, 777", "--json")
+    assert code == 0
+    assert json.loads(out) == dict(uploads_processed=2, uploads_skipped=0, testruns_considered=1,
+                                   flakes_created=1, flakes_updated=0, flakes_expired=0,
+                                   testruns_marked=1, dry_run=False)
+    assert state(repo.conn)[2] == [(777,), (ups["up2"],)]
+
+
+def test_process_unknown_commit_is_zeros_not_an_error(cli, db_url):
+    code, out, err = cli("process", "--dsn", db_url, "--repo", "1", "--commit", "nope", "--json")
+    assert code == 0
+    assert json.loads(out) == {**dict.fromkeys(SHA1_SUMMARY, 0), "dry_run": False}
+    assert err == ("flakectl: nothing to process for commit nope of repository 1: no processed"
+                   " test_results upload (check --repo and --commit)\n")
+
+
+@pytest.mark.parametrize("command", [
+    ["process", "--repo", "1", "--commit", "sha1"],
+    ["verify", "--repo", "1", "--commit", "sha1"],
+    ["prune", "--older-than", "30d"],
+    ["status"],
+])
+def test_not_installed(cli, empty_db_url, command):
+    code, out, err = cli(*command, "--dsn", empty_db_url)
+    assert (code, out) == (1, "")
+    assert one_error_line(err).startswith(
+        "flakectl is not installed in this database: run `flakectl db upgrade`")
+
+
+def test_prune_on_a_database_before_0003_says_upgrade(cli, db_url):
+    assert cli("db", "downgrade", "0002", "--dsn", db_url)[0] == 0
+    code, _, err = cli("prune", "--older-than", "30d", "--dsn", db_url)
+    assert code == 1
+    assert one_error_line(err) == (
+        "flakectl is not installed in this database: run `flakectl db upgrade` (or `alembic upgrade head`)."
+        " (function flakectl.prune_ledger(older_than => interval) does not exist)")
+
+
+def test_process_lock_busy(cli, db_url, repo):
+    history(repo)
+    with psycopg.connect(db_url) as holder:
+        holder.execute("select 1")  # a transaction is open: the call's lock stays until rollback
+        flakectl.process_commit(holder, 1, "other", dry_run=True)
+        code, out, err = cli("process", "--dsn", db_url, "--repo", "1", "--commit", "sha1", "--no-wait")
+        assert (code, out) == (1, "")
+        assert one_error_line(err) == ("repository 1 is being processed by another call;"
+                                       " retry later, or leave out --no-wait to wait for it")
+        # another repository does not wait
+        assert cli("process", "--dsn", db_url, "--repo", "2", "--commit", "x", "--no-wait")[0] == 0
+        holder.rollback()
+    assert cli("process", "--dsn", db_url, "--repo", "1", "--commit", "sha1", "--no-wait")[0] == 0
+
+
+def test_process_works_under_a_repeatable_read_default(cli, db_url, repo):
+    # the command asks for READ COMMITTED whatever the database's default
+    with psycopg.connect(db_url, autocommit=True) as c:
+        name = c.execute("select current_database()").fetchone()[0]
+        c.execute(f'alter database "{name}" set default_transaction_isolation = \'repeatable read\'')
+    history(repo)
+    code, out, _ = cli("process", "--dsn", db_url, "--repo", "1", "--commit", "sha1", "--json")
+    assert code == 0
+    assert json.loads(out)["uploads_processed"] == 2
+
+
+# --- verify -----------------------------------------------------------------
+
+
+def test_verify_identical_and_rolled_back(cli, db_url, repo):
+    history(repo)
+    before = state(repo.conn)
+    code, out, err = cli("verify", "--dsn", db_url, "--repo", "1", "--commit", "sha1")
+    assert code == 0
+    assert out == ("identical: repository 1, commit sha1: 2 uploads, 4 runs considered, 3 marked,"
+                   " flakes 2 created / 0 updated / 0 expired\n")
+    assert err == "flakectl: rolled back: nothing was changed\n"
+    assert state(repo.conn) == before
+
+
+def test_verify_json(cli, db_url, repo):
+    history(repo)
+    code, out, _ = cli("verify", "--dsn", db_url, "--repo", "1", "--commit", "sha1", "--json")
+    assert code == 0
+    assert json.loads(out) == {"repo_id": 1, "commit_sha": "sha1", "identical": True,
+                               "expected": SHA1_SUMMARY, "got": SHA1_SUMMARY, "differences": []}
+
+
+def test_verify_unknown_commit_is_an_error(cli, db_url):
+    code, out, err = cli("verify", "--dsn", db_url, "--repo", "1", "--commit", "nope")
+    assert (code, out) == (1, "")
+    assert one_error_line(err) == "repository 1 has no commit 'nope': nothing to verify"
+
+
+def test_verify_processed_commit_says_it_covered_nothing(cli, db_url, repo):
+    history(repo)
+    assert cli("process", "--dsn", db_url, "--repo", "1", "--commit", "sha1")[0] == 0
+    code, out, err = cli("verify", "--dsn", db_url, "--repo", "1", "--commit", "sha1")
+    assert code == 0
+    assert out.startswith("identical: repository 1, commit sha1: 0 uploads")
+    assert err == ("flakectl: the commit's 2 upload(s) were processed before, so the comparison"
+                   " covered nothing; verify a commit before it is processed\n"
+                   "flakectl: rolled back: nothing was changed\n")
+
+
+def corrupt(conn: psycopg.Connection, old: str, new: str) -> None:
+    body = sqlfiles.body("process_upload_set", 1)
+    assert body.count(old) == 1, old
+    conn.execute(body.replace(old, new))
+    conn.commit()
+
+
+def test_verify_catches_the_expire_at_or_above_trap(cli, db_url, repo):
+    # A flake already at 30 recent passes must expire on its next pass.
+    flake_id = repo.flake("a", rpc=30, count=5, fail_count=3)
+    up = repo.upload("sha1")
+    repo.runs(up, ("a", "pass", at(1)))
+    repo.conn.commit()
+    assert cli("verify", "--dsn", db_url, "--repo", "1", "--commit", "sha1")[0] == 0
+
+    corrupt(repo.conn, "greatest(p_expire_after - o.recent_passes_count, 1)",
+            "p_expire_after - o.recent_passes_count")
+    before = state(repo.conn)
+    code, out, _ = cli("verify", "--dsn", db_url, "--repo", "1", "--commit", "sha1")
+    assert code == 1
+    assert out.splitlines() == [
+        "different: 4 difference(s) between the function and the reference, repository 1, commit sha1",
+        "  summary row: flakes_expired expected 1, got 0",
+        f"  flake id {flake_id} test \\x61: recent_passes_count expected 31, got 30",
+        f"  flake id {flake_id} test \\x61: count expected 6, got 5",
+        f"  flake id {flake_id} test \\x61: end_date expected {at(1).isoformat()}, got none",
+    ]
+    assert state(repo.conn) == before
+    # status names the hand-changed body
+    code, out, _ = cli("status", "--dsn", db_url)
+    assert "process_upload_set modified (matches no released body)" in out
+
+
+def test_verify_catches_an_off_by_one_in_new_flakes(cli, db_url, repo):
+    up = repo.upload("sha1")
+    repo.runs(up, ("b", "failure", at(1)), ("b", "pass", at(2)), ("b", "pass", at(3)))
+    repo.conn.commit()
+    corrupt(repo.conn, "k <= limit_k", "k < limit_k")
+    code, out, _ = cli("verify", "--dsn", db_url, "--repo", "1", "--commit", "sha1",
+                       "--expire-after", "2")
+    assert code == 1
+    assert out.splitlines() == [
+        "different: 2 difference(s) between the function and the reference, repository 1, commit sha1",
+        "  new flake test \\x62: recent_passes_count expected 2, got 1",
+        "  new flake test \\x62: count expected 3, got 2",
+    ]
+    code, out, _ = cli("verify", "--dsn", db_url, "--repo", "1", "--commit", "sha1",
+                       "--expire-after", "2", "--json")
+    assert json.loads(out)["differences"][0] == {
+        "what": "new flake", "where": "test \\x62", "field": "recent_passes_count",
+        "expected": 2, "got": 1}
+
+
+def test_verify_catches_wrong_marking(cli, db_url, repo):
+    up = repo.upload("sha1")
+    repo.runs(up, ("c", "error", at(1)))
+    repo.conn.commit()
+    corrupt(repo.conn, "set outcome = 'flaky_fail'",
+            "set outcome = case when r.outcome = 'error' then r.outcome else 'flaky_fail' end")
+    code, out, _ = cli("verify", "--dsn", db_url, "--repo", "1", "--commit", "sha1")
+    assert code == 1
+    assert out.splitlines() == [
+        "different: 1 difference(s) between the function and the reference, repository 1, commit sha1",
+        f"  run upload {up} test \\x63 at {at(1).isoformat()}: outcome expected flaky_fail, got error",
+    ]
+
+
+# --- status -----------------------------------------------------------------
+
+
+def test_status(cli, db_url, repo):
+    history(repo)
+    repo.flake("z", end=at(-5))  # an expired one
+    Repo(repo.conn, 2).flake("y")
+    repo.conn.commit()
+    code, out, _ = cli("status", "--dsn", db_url)
+    assert code == 0
+    assert out.splitlines() == [
+        f"revision   {HEAD} (head)",
+        "functions  guard v0001, process_commit v0001, process_upload_set v0001, process_uploads v0001,"
+        " prune_ledger v0001",
+        "ledger     0 uploads",
+        "",
+        "      repo      open   expired",
+        "         1         0         1",
+        "         2         1         0",
+    ]
+    assert cli("process", "--dsn", db_url, "--repo", "1", "--commit", "sha1")[0] == 0
+    code, out, _ = cli("status", "--dsn", db_url, "--repo", "1", "--limit", "1")
+    lines = out.splitlines()
+    assert re.fullmatch(rf"ledger     2 uploads; last: upload \d+ of repo 1, commit sha1, at \S+ \S+", lines[2])
+    assert lines[5:] == [
+        "         1         2         1",
+        "         2         1         0",
+        "",
+        "open flakes of repo 1 (2), most failing first:",
+        " fails   count  passes  since                      test",
+        f"     2       2       0  {at(1):%Y-%m-%d %H:%M:%S%z}   \\x62",
+        "... and 1 more (--limit)",
+    ]
+
+
+def test_status_json(cli, db_url, repo):
+    history(repo)
+    repo.conn.execute("update ta_timeseries_testrun set computed_name = 'tests/test_a.py::a'"
+                      " where test_id = 'a'")
+    repo.conn.commit()
+    assert cli("process", "--dsn", db_url, "--repo", "1", "--commit", "sha1")[0] == 0
+    code, out, _ = cli("status", "--dsn", db_url, "--repo", "1", "--json")
+    data = json.loads(out)
+    assert data["revision"] == HEAD and data["head"] == HEAD
+    assert data["functions"]["prune_ledger"] == "v0001"
+    assert data["ledger_rows"] == 2 and data["last_repo_id"] == 1 and data["last_commit_sha"] == "sha1"
+    assert data["repos"] == [{"repo_id": 1, "open": 2, "expired": 0}]
+    assert [(f["name"], f["fail_count"], f["count"], f["recent_passes_count"]) for f in data["open_flakes"]] == [
+        (None, 2, 2, 0), ("tests/test_a.py::a", 1, 2, 1)]
+    assert data["open_total"] == 2
+
+
+# --- prune ------------------------------------------------------------------
+
+
+def test_prune(cli, db_url, repo):
+    history(repo)
+    assert cli("process", "--dsn", db_url, "--repo", "1", "--commit", "sha1")[0] == 0
+    repo.conn.execute("insert into flakectl.processed_upload (upload_id, repo_id, processed_at) values"
+                      " (1, 1, now() - interval '31 days'), (2, 1, now() - interval '40 days'),"
+                      " (3, 1, now() - interval '29 days')")
+    repo.conn.commit()
+    assert cli("prune", "--dsn", db_url, "--older-than", "30d") == (
+        0, "pruned 2 ledger row(s) older than 30d\n", "")
+    assert len(state(repo.conn)[2]) == 3
+    code, out, _ = cli("prune", "--dsn", db_url, "--older-than", "2d", "--json")
+    assert json.loads(out) == {"deleted": 1, "older_than_seconds": 2 * 86400}
+
+
+@pytest.mark.parametrize("age, shown", [("1d", "1 day"), ("47h", "1 day 23:00:00")])
+def test_prune_refuses_short_ages(cli, db_url, age, shown):
+    code, out, err = cli("prune", "--dsn", db_url, "--older-than", age)
+    assert (code, out) == (1, "")
+    assert one_error_line(err) == (
+        "argument older_than must be at least 2 days (twice the default lookback), got"
+        f" {shown}; use --older-than 2d or longer")
+
+
+def test_every_subcommand_is_tested():
+    parser = build_parser()
+    names = {a.dest for a in parser._subparsers._group_actions}  # noqa: SLF001
+    assert names == {"command"}
+    choices = parser._subparsers._group_actions[0].choices  # noqa: SLF001
+    assert sorted(choices) == sorted({w[0] for w in SUBCOMMANDS})
