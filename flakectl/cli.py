@@ -503,3 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err(f"{PROG}: interrupted")
         return 130
+    except BrokenPipeError:
+        # the reader left (`flakectl db sql | head`); keep Python's exit flush quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

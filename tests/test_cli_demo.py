@@ -3,10 +3,8 @@ history, processing, verification, the report; nothing left behind."""
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import tempfile
 
 import psycopg
 import pytest
@@ -18,16 +16,27 @@ from flakectl.demo import DemoSize, Truth
 SMALL = ["--commits", "4", "--uploads", "3", "--tests", "200"]
 
 
-def leftovers() -> set[str]:
-    return set(glob.glob(os.path.join(tempfile.gettempdir(), "flakectl-pg-*"))) | set(
-        glob.glob("/tmp/flakectl-pg-*"))
-
-
 @pytest.fixture
-def no_leftovers():
-    before = leftovers()
+def no_leftovers(monkeypatch):
+    """The demo's own servers are stopped and their directories deleted afterwards
+    (other sessions' servers may come and go in the same temp directory)."""
+    started: list[demo.ThrowawayServer] = []
+
+    class Recorded(demo.ThrowawayServer):
+        def start(self):
+            started.append(self)
+            result = super().start()
+            self.recorded_pid = self.pid
+            return result
+
+    monkeypatch.setattr(demo, "ThrowawayServer", Recorded)
     yield
-    assert leftovers() == before
+    assert len(started) >= 1
+    for server in started:
+        assert server.base_dir and not os.path.exists(server.base_dir)
+        assert server.pid is None
+        with pytest.raises(ProcessLookupError):
+            os.kill(server.recorded_pid, 0)
 
 
 def test_truth_is_drawn_from_the_seed():
