@@ -1,0 +1,473 @@
+CREATE SCHEMA flakectl;
+
+CREATE TYPE flakectl.flake_change AS (
+	flake_id bigint,
+	test_id bytea,
+	count integer,
+	fail_count integer,
+	recent_passes_count integer,
+	start_date timestamp with time zone,
+	end_date timestamp with time zone
+);
+
+CREATE TYPE flakectl.summary AS (
+	uploads_processed bigint,
+	uploads_skipped bigint,
+	testruns_considered bigint,
+	flakes_created bigint,
+	flakes_updated bigint,
+	flakes_expired bigint,
+	testruns_marked bigint
+);
+
+CREATE FUNCTION flakectl.guard(p_repo_id bigint, p_lookback interval, p_expire_after integer, p_dry_run boolean, p_wait boolean) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+declare
+  v_isolation text := current_setting('transaction_isolation');
+  v_key integer;
+begin
+  if p_repo_id is null then
+    raise exception using errcode = '22004', message = 'flakectl: argument repo_id must not be NULL';
+  end if;
+  if p_lookback is null then
+    raise exception using errcode = '22004', message = 'flakectl: argument lookback must not be NULL';
+  end if;
+  if p_expire_after is null then
+    raise exception using errcode = '22004', message = 'flakectl: argument expire_after must not be NULL';
+  end if;
+  if p_dry_run is null then
+    raise exception using errcode = '22004', message = 'flakectl: argument dry_run must not be NULL';
+  end if;
+  if p_wait is null then
+    raise exception using errcode = '22004', message = 'flakectl: argument wait must not be NULL';
+  end if;
+  if p_lookback < interval '0' then
+    raise exception using errcode = '22023',
+      message = format('flakectl: argument lookback must not be negative, got %s', p_lookback);
+  end if;
+  if p_expire_after < 1 then
+    raise exception using errcode = '22023',
+      message = format('flakectl: argument expire_after must be at least 1, got %s', p_expire_after);
+  end if;
+  if v_isolation <> 'read committed' then
+    raise exception using errcode = '0A000',
+      message = format('flakectl: refusing to run under %s isolation: its snapshot predates the repository lock, '
+                       'so the previous call''s writes would be invisible; use READ COMMITTED', upper(v_isolation)),
+      hint = 'Run the call in a READ COMMITTED transaction (PostgreSQL''s default).';
+  end if;
+
+  v_key := case
+    when p_repo_id between -2147483648 and 2147483647 then p_repo_id::integer
+    else hashint8(p_repo_id)
+  end;
+  if p_wait then
+    perform pg_advisory_xact_lock(1718381411, v_key);
+  elsif not pg_try_advisory_xact_lock(1718381411, v_key) then
+    raise exception using errcode = '55P03',
+      message = format('flakectl: repository %s is being processed by another call', p_repo_id),
+      hint = 'Retry later, or call with wait => true to queue behind it.';
+  end if;
+end;
+$$;
+
+CREATE FUNCTION flakectl.process_commit(repo_id bigint, commit_sha text, lookback interval DEFAULT '1 day'::interval, expire_after integer DEFAULT 30, dry_run boolean DEFAULT false, wait boolean DEFAULT true) RETURNS flakectl.summary
+    LANGUAGE plpgsql
+    SET plan_cache_mode TO 'force_custom_plan'
+    SET jit TO 'off'
+    AS $$
+#variable_conflict use_column
+declare
+  v_repo_id bigint := process_commit.repo_id;
+  v_commit_sha text := process_commit.commit_sha;
+  v_candidates bigint[];
+begin
+  if v_commit_sha is null then
+    raise exception using errcode = '22004', message = 'flakectl: argument commit_sha must not be NULL';
+  end if;
+  perform flakectl.guard(v_repo_id, process_commit.lookback, process_commit.expire_after,
+                         process_commit.dry_run, process_commit.wait);
+
+  select coalesce(array_agg(distinct u.id order by u.id), '{}')
+    into v_candidates
+    from commits c
+    join reports_commitreport r on r.commit_id = c.id
+    join reports_upload u on u.report_id = r.id
+   where c.repoid = v_repo_id
+     and c.commitid = v_commit_sha
+     and r.report_type = 'test_results'
+     and u.state = 'processed';
+
+  return flakectl.process_upload_set(v_repo_id, v_candidates, process_commit.lookback,
+                                     process_commit.expire_after, process_commit.dry_run, v_commit_sha);
+end;
+$$;
+
+CREATE FUNCTION flakectl.process_upload_set(p_repo_id bigint, p_candidates bigint[], p_lookback interval, p_expire_after integer, p_dry_run boolean, p_commit_sha text) RETURNS flakectl.summary
+    LANGUAGE plpgsql
+    SET plan_cache_mode TO 'force_custom_plan'
+    SET jit TO 'off'
+    AS $$
+declare
+  -- the window starts lookback before now, in UTC whatever the session's TimeZone
+  v_cutoff timestamptz := (now() at time zone 'UTC' - p_lookback) at time zone 'UTC';
+  v_uploads bigint[];
+  v_tests bytea[];
+  v_changes flakectl.flake_change[];
+  v_result flakectl.summary;
+begin
+  select coalesce(array_agg(c.id order by c.id) filter (where l.upload_id is null), '{}'),
+         count(l.upload_id)
+    into v_uploads, v_result.uploads_skipped
+    from unnest(p_candidates) as c(id)
+    left join flakectl.processed_upload l on l.upload_id = c.id;
+  v_result.uploads_processed := cardinality(v_uploads);
+
+  select coalesce(array_agg(t.test_id), '{}')
+    into v_tests
+    from (
+      select r.test_id
+        from ta_timeseries_testrun r
+       where r.upload_id = any(v_uploads)
+         and r.outcome in ('failure', 'error', 'flaky_fail')
+         and r.repo_id = p_repo_id
+         and r.timestamp >= v_cutoff
+      union
+      select f.test_id
+        from test_analytics_flake f
+       where f.repoid = p_repo_id
+         and f.end_date is null
+    ) t;
+
+  with test as (
+    -- the tests that matter, numbered (an int4 sorts faster than a bytea),
+    -- with their open flake; lim0 is the pass of group 0 that expires it
+    select t.idx::integer as idx, t.test_id, o.id as flake_id, o.count as count0,
+           o.fail_count as fail_count0, o.recent_passes_count as rpc0, o.start_date as start_date0,
+           greatest(p_expire_after - o.recent_passes_count, 1) as lim0
+      from unnest(v_tests) with ordinality as t(test_id, idx)
+      left join test_analytics_flake o
+        on o.repoid = p_repo_id and o.test_id = t.test_id and o.end_date is null
+  ),
+  run as (
+    select r.test_id, r.upload_id, r.timestamp as ts, true as is_fail,
+           r.outcome in ('failure', 'error') as to_mark
+      from ta_timeseries_testrun r
+     where r.upload_id = any(v_uploads)
+       and r.outcome in ('failure', 'error', 'flaky_fail')
+       and r.repo_id = p_repo_id
+       and r.timestamp >= v_cutoff
+    union all
+    select r.test_id, r.upload_id, r.timestamp, false, false
+      from ta_timeseries_testrun r
+     where r.upload_id = any(v_uploads)
+       and r.outcome = 'pass'
+       and r.test_id = any(v_tests)
+       and r.repo_id = p_repo_id
+       and r.timestamp >= v_cutoff
+  ),
+  numbered as (
+    select t.idx, t.lim0, r.upload_id, r.ts, r.is_fail, r.to_mark,
+           count(*) filter (where r.is_fail) over w as grp,
+           count(*) filter (where not r.is_fail) over w as passes
+      from run r
+      join test t on t.test_id = r.test_id
+    window w as (partition by t.idx order by r.upload_id, r.ts, r.is_fail desc
+                 rows unbounded preceding)
+  ),
+  ranked as (
+    select idx, ts, is_fail, to_mark, grp,
+           case when grp > 0 then p_expire_after else lim0 end as limit_k,
+           passes - coalesce(max(passes) filter (where is_fail) over w, 0) as k
+      from numbered
+    window w as (partition by idx order by upload_id, ts, is_fail desc
+                 rows unbounded preceding)
+  ),
+  per_group as (
+    select idx, grp,
+           count(*) as considered,
+           count(*) filter (where to_mark) as marked,
+           bool_or(is_fail) as has_fail,
+           min(ts) filter (where is_fail) as fail_ts,
+           count(*) filter (where not is_fail and k <= limit_k) as passes,
+           min(ts) filter (where not is_fail and k = limit_k) as expire_ts
+      from ranked
+     group by idx, grp
+  ),
+  per_flake as (
+    select per_group.*,
+           count(expire_ts) over (partition by idx order by grp
+                                  rows between unbounded preceding and 1 preceding) as seq
+      from per_group
+  ),
+  change as (
+    select idx, seq,
+           sum(considered) as considered,
+           sum(marked) as marked,
+           count(*) filter (where has_fail) as fails,
+           sum(passes) as passes,
+           max(grp) as last_grp,
+           (array_agg(passes order by grp desc))[1] as last_passes,
+           (array_agg(fail_ts order by grp) filter (where has_fail))[1] as first_fail,
+           max(expire_ts) as end_date
+      from per_flake
+     group by idx, seq
+  )
+  select coalesce(sum(c.considered), 0),
+         coalesce(sum(c.marked), 0),
+         coalesce(array_agg(row(
+                   case when c.seq = 0 then t.flake_id end,
+                   t.test_id,
+                   (case when c.seq = 0 and t.flake_id is not null then t.count0 else 0 end + c.fails + c.passes)::integer,
+                   (case when c.seq = 0 and t.flake_id is not null then t.fail_count0 else 0 end + c.fails)::integer,
+                   (case when c.last_grp = 0 then t.rpc0 else 0 end + c.last_passes)::integer,
+                   case when c.seq = 0 and t.flake_id is not null then t.start_date0 else c.first_fail end,
+                   c.end_date
+                 )::flakectl.flake_change order by t.test_id, c.seq)
+                 filter (where (c.seq = 0 and t.flake_id is not null) or c.fails > 0), '{}')
+    into v_result.testruns_considered, v_result.testruns_marked, v_changes
+    from change c
+    join test t on t.idx = c.idx;
+
+  select count(*) filter (where c.flake_id is null),
+         count(*) filter (where c.flake_id is not null),
+         count(*) filter (where c.end_date is not null)
+    into v_result.flakes_created, v_result.flakes_updated, v_result.flakes_expired
+    from unnest(v_changes) c;
+
+  if p_dry_run then
+    return v_result;
+  end if;
+
+  -- expire/update first: a new flake of the same test may only be inserted
+  -- once the old one has left the one-open-flake-per-test index
+  update test_analytics_flake f
+     set count = c.count,
+         fail_count = c.fail_count,
+         recent_passes_count = c.recent_passes_count,
+         end_date = c.end_date
+    from unnest(v_changes) c
+   where c.flake_id is not null
+     and f.id = c.flake_id;
+
+  insert into test_analytics_flake
+    (repoid, test_id, flags_id, recent_passes_count, count, fail_count, start_date, end_date)
+  select p_repo_id, c.test_id, null, c.recent_passes_count, c.count, c.fail_count,
+         c.start_date, c.end_date
+    from unnest(v_changes) c
+   where c.flake_id is null
+   order by c.test_id, c.start_date;
+
+  update ta_timeseries_testrun r
+     set outcome = 'flaky_fail'
+   where r.upload_id = any(v_uploads)
+     and r.outcome in ('failure', 'error')
+     and r.repo_id = p_repo_id
+     and r.timestamp >= v_cutoff;
+
+  insert into flakectl.processed_upload (upload_id, repo_id, commit_sha)
+  select u, p_repo_id, p_commit_sha
+    from unnest(v_uploads) as u
+  on conflict (upload_id) do nothing;
+
+  return v_result;
+end;
+$$;
+
+CREATE FUNCTION flakectl.process_uploads(repo_id bigint, upload_ids bigint[], lookback interval DEFAULT '1 day'::interval, expire_after integer DEFAULT 30, dry_run boolean DEFAULT false, wait boolean DEFAULT true) RETURNS flakectl.summary
+    LANGUAGE plpgsql
+    SET plan_cache_mode TO 'force_custom_plan'
+    SET jit TO 'off'
+    AS $$
+#variable_conflict use_column
+declare
+  v_candidates bigint[];
+begin
+  if process_uploads.upload_ids is null then
+    raise exception using errcode = '22004', message = 'flakectl: argument upload_ids must not be NULL';
+  end if;
+  perform flakectl.guard(process_uploads.repo_id, process_uploads.lookback, process_uploads.expire_after,
+                         process_uploads.dry_run, process_uploads.wait);
+
+  select coalesce(array_agg(distinct u order by u), '{}')
+    into v_candidates
+    from unnest(process_uploads.upload_ids) as u
+   where u is not null;
+
+  return flakectl.process_upload_set(process_uploads.repo_id, v_candidates, process_uploads.lookback,
+                                     process_uploads.expire_after, process_uploads.dry_run, null);
+end;
+$$;
+
+CREATE FUNCTION flakectl.prune_ledger(older_than interval) RETURNS bigint
+    LANGUAGE plpgsql
+    AS $$
+declare
+  v_older_than interval := prune_ledger.older_than;
+  v_cutoff timestamptz;
+  v_deleted bigint;
+begin
+  if v_older_than is null then
+    raise exception using errcode = '22004', message = 'flakectl: argument older_than must not be NULL';
+  end if;
+  if v_older_than < 2 * interval '1 day' then
+    raise exception using errcode = '22023',
+      message = format('flakectl: argument older_than must be at least 2 days (twice the default lookback), got %s',
+                       v_older_than),
+      hint = 'An upload pruned sooner could be processed again and counted twice.';
+  end if;
+
+  v_cutoff := (now() at time zone 'UTC' - v_older_than) at time zone 'UTC';
+  delete from flakectl.processed_upload l
+   where l.processed_at < v_cutoff;
+  get diagnostics v_deleted = row_count;
+  return v_deleted;
+end;
+$$;
+
+CREATE TABLE flakectl.created_table (
+    name text NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+CREATE TABLE flakectl.processed_upload (
+    upload_id bigint NOT NULL,
+    repo_id bigint NOT NULL,
+    commit_sha text,
+    processed_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+CREATE TABLE public.commits (
+    id bigint NOT NULL,
+    commitid text NOT NULL,
+    repoid integer NOT NULL,
+    branch text,
+    merged boolean,
+    "timestamp" timestamp with time zone
+);
+
+ALTER TABLE public.commits ALTER COLUMN id ADD GENERATED BY DEFAULT AS IDENTITY (
+    SEQUENCE NAME public.commits_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+CREATE TABLE public.reports_commitreport (
+    id bigint NOT NULL,
+    commit_id bigint NOT NULL,
+    code text,
+    report_type text
+);
+
+ALTER TABLE public.reports_commitreport ALTER COLUMN id ADD GENERATED BY DEFAULT AS IDENTITY (
+    SEQUENCE NAME public.reports_commitreport_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+CREATE TABLE public.reports_upload (
+    id bigint NOT NULL,
+    report_id bigint NOT NULL,
+    state text,
+    created_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+ALTER TABLE public.reports_upload ALTER COLUMN id ADD GENERATED BY DEFAULT AS IDENTITY (
+    SEQUENCE NAME public.reports_upload_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+CREATE TABLE public.ta_timeseries_testrun (
+    "timestamp" timestamp with time zone NOT NULL,
+    test_id bytea NOT NULL,
+    name text,
+    classname text,
+    testsuite text,
+    computed_name text,
+    outcome text NOT NULL,
+    duration_seconds double precision,
+    failure_message text,
+    framework text,
+    filename text,
+    repo_id bigint NOT NULL,
+    commit_sha text,
+    branch text,
+    flags text[],
+    upload_id bigint,
+    properties jsonb
+);
+
+CREATE TABLE public.test_analytics_flake (
+    id bigint NOT NULL,
+    repoid integer NOT NULL,
+    test_id bytea NOT NULL,
+    flags_id bytea,
+    recent_passes_count integer NOT NULL,
+    count integer NOT NULL,
+    fail_count integer NOT NULL,
+    start_date timestamp with time zone NOT NULL,
+    end_date timestamp with time zone
+);
+
+ALTER TABLE public.test_analytics_flake ALTER COLUMN id ADD GENERATED BY DEFAULT AS IDENTITY (
+    SEQUENCE NAME public.test_analytics_flake_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+ALTER TABLE ONLY flakectl.created_table
+    ADD CONSTRAINT created_table_pkey PRIMARY KEY (name);
+
+ALTER TABLE ONLY flakectl.processed_upload
+    ADD CONSTRAINT processed_upload_pkey PRIMARY KEY (upload_id);
+
+ALTER TABLE ONLY public.commits
+    ADD CONSTRAINT commits_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY public.reports_commitreport
+    ADD CONSTRAINT reports_commitreport_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY public.reports_upload
+    ADD CONSTRAINT reports_upload_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY public.test_analytics_flake
+    ADD CONSTRAINT test_analytics_flake_pkey PRIMARY KEY (id);
+
+CREATE INDEX processed_upload_processed_at ON flakectl.processed_upload USING btree (processed_at);
+
+CREATE INDEX commits_repoid_commitid ON public.commits USING btree (repoid, commitid);
+
+CREATE UNIQUE INDEX flakectl_flake_one_open ON public.test_analytics_flake USING btree (repoid, test_id) WHERE (end_date IS NULL);
+
+CREATE INDEX reports_commitreport_commit_id_id ON public.reports_commitreport USING btree (commit_id, id);
+
+CREATE INDEX reports_upload_report_id_id ON public.reports_upload USING btree (report_id, id);
+
+CREATE INDEX ta_ts_testrun_repo_commit_time ON public.ta_timeseries_testrun USING btree (repo_id, commit_sha, "timestamp");
+
+CREATE INDEX ta_ts_testrun_repo_test_time ON public.ta_timeseries_testrun USING btree (repo_id, test_id, "timestamp");
+
+CREATE INDEX ta_ts_testrun_upload_outcome_test ON public.ta_timeseries_testrun USING btree (upload_id, outcome, test_id);
+
+CREATE INDEX test_analytics_flake_repoid_end_date ON public.test_analytics_flake USING btree (repoid, end_date);
+
+CREATE INDEX test_analytics_flake_repoid_test_id ON public.test_analytics_flake USING btree (repoid, test_id);
+
+ALTER TABLE ONLY public.reports_commitreport
+    ADD CONSTRAINT reports_commitreport_commit_id_fkey FOREIGN KEY (commit_id) REFERENCES public.commits(id);
+
+ALTER TABLE ONLY public.reports_upload
+    ADD CONSTRAINT reports_upload_report_id_fkey FOREIGN KEY (report_id) REFERENCES public.reports_commitreport(id);
