@@ -478,3 +478,18 @@ def test_alembic_command_in_checkout_upgrades_and_downgrades(empty_db_url):
     assert migrate.current(empty_db_url) is None
     assert not has_schema(empty_db_url, "flakectl")
     assert not set(CODECOV_TABLES) & relations(empty_db_url, "public")
+
+
+# --- offline SQL (`alembic upgrade head --sql`, flakectl.migrate.sql) -------------
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known bug, not fixed here: migrate.sql() passes stdout= (not output_buffer=) to Config, so it "
+    "returns '' and prints; and env.py's offline mode compiles with a pyformat dialect, doubling "
+    "every % of the bodies (format('... %s') becomes format('... %%s')). Drop this mark when fixed."))
+def test_offline_sql_installs_the_same_functions_as_online(empty_db_url, db_url):
+    script = migrate.sql()
+    assert "create or replace function flakectl.process_upload_set" in script
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        conn.execute(script)
+    assert live_functions(empty_db_url) == live_functions(db_url)
