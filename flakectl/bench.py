@@ -1,0 +1,552 @@
+"""`flakectl bench`: the function (A) against the worker's Python path (B) and
+the read floor (C), on one large generated commit.
+
+    python -m flakectl.bench --shape realistic --uploads 50 --tests 20000
+    python -m flakectl.bench --sizes
+
+By default on a throwaway server tuned for a benchmark; with `--dsn` in a
+scratch schema of the user's database (flakectl must be installed there; see
+flakectl.benchdata). Each call runs in its own transaction, rolled back:
+
+* A: `select * from flakectl.process_commit(repo, sha)`;
+* B: flakectl.workerpath, the worker's path as upstream has it;
+* C: one `select count(*)` over exactly the rows A must read: the uploads'
+  failure-class runs in the window, plus their passes of the tests that fail
+  or hold an open flake (its count should equal A's testruns_considered).
+
+A, B and C alternate, each on its own connection. A is called at least ten times on one connection (a
+PL/pgSQL plan can turn generic after five calls); the timed calls are the
+last `--repeat` of each. Inside every A and B transaction, before the
+rollback, the flakes and the run outcomes are hashed: A and B must leave the
+same state (exit status 1 otherwise). Per call it records the wall time at
+the client, buffer accesses of the bench's tables (pg_stat_get_xact_blocks_*,
+this transaction's own counters) and the backend's peak private memory
+(RssAnon of /proc/<pid>/status, sampled every 2 ms; only when the server
+runs on this machine). Between calls the tables are vacuumed (untimed), so
+one call's rolled-back rows do not slow the next. It prints; it asserts no
+times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import TextIO
+
+import psycopg
+
+from flakectl import benchdata, migrate, workerpath
+from flakectl.benchdata import COMMIT_SHA, REPO_ID, SCHEMA, Workload
+from flakectl.plans import nested_plans
+from flakectl.pgserver import ThrowawayServer
+
+#: A benchmark server: room in shared_buffers for the commit, no durability.
+SERVER_SETTINGS = {
+    "shared_buffers": "512MB",
+    "max_wal_size": "8GB",
+    "checkpoint_timeout": "30min",
+    "maintenance_work_mem": "512MB",
+    "autovacuum": "off",  # the bench vacuums itself, between calls
+}
+MIN_FUNCTION_CALLS = 10
+#: --sizes: tests per upload at 50 uploads (10k, 100k, 1M, 2M runs); the
+#: relevant rows are held fixed: 50 flaky tests and 50 open flakes.
+SIZES = (200, 2_000, 20_000, 40_000)
+SIZES_FLAKY, SIZES_OPEN = 50, 50
+PATHS = ("A", "B", "C")
+PATH_NAMES = {"A": "A function", "B": "B worker path", "C": "C read floor"}
+
+_FUNCTION = "select * from flakectl.process_commit(%(repo)s, %(sha)s)"
+_FLOOR = """
+with fail as (
+  select r.test_id
+    from ta_timeseries_testrun r
+   where r.upload_id = any(%(uploads)s) and r.outcome in ('failure', 'error', 'flaky_fail')
+     and r.repo_id = %(repo)s and r.timestamp >= (now() at time zone 'UTC' - interval '1 day') at time zone 'UTC'
+),
+tests as (
+  select test_id from fail
+  union
+  select test_id from test_analytics_flake where repoid = %(repo)s and end_date is null
+)
+select (select count(*) from fail)
+     + (select count(*)
+          from ta_timeseries_testrun r
+         where r.upload_id = any(%(uploads)s) and r.outcome = 'pass'
+           and r.test_id = any(array(select test_id from tests))
+           and r.repo_id = %(repo)s
+           and r.timestamp >= (now() at time zone 'UTC' - interval '1 day') at time zone 'UTC')
+"""
+# order-independent hashes of the state a call leaves: the flakes (new ones without
+# their sequence-assigned ids) and every run that is not a pass (no call makes or
+# unmakes a pass, so any outcome change shows here)
+_STATE = """
+select (select md5(coalesce(string_agg(x, ',' order by x), ''))
+          from (select concat_ws('|', case when id <= %(max_id)s then id end, repoid,
+                                 encode(test_id, 'hex'), encode(flags_id, 'hex'), recent_passes_count,
+                                 count, fail_count, start_date, end_date) as x
+                  from test_analytics_flake) f),
+       (select count(*) || ':' || coalesce(sum(hashtextextended(concat_ws('|', upload_id,
+                  encode(test_id, 'hex'), timestamp, repo_id, outcome), 0)::numeric), 0)
+          from ta_timeseries_testrun where outcome <> 'pass')
+"""
+_BUFFERS = """
+select coalesce(sum(pg_stat_get_xact_blocks_fetched(o)), 0)::bigint,
+       coalesce(sum(pg_stat_get_xact_blocks_hit(o)), 0)::bigint
+  from unnest(%s::oid[]) as o
+"""
+
+
+@dataclass
+class Call:
+    path: str
+    seconds: float
+    rows: int
+    buffers: int  # shared buffer accesses of the bench's relations (hit + read)
+    read: int  # of which not in shared buffers
+    peak_kb: int | None  # backend's peak RssAnon
+    state: tuple | None = None
+    summary: dict | None = None
+    timed: bool = True
+
+
+@dataclass
+class Stats:
+    path: str
+    calls: list[Call]
+
+    @property
+    def timed(self) -> list[Call]:
+        return [c for c in self.calls if c.timed]
+
+    def median(self, attr: str = "seconds") -> float:
+        return statistics.median(getattr(c, attr) for c in self.timed)
+
+    @property
+    def peak_kb(self) -> int | None:
+        peaks = [c.peak_kb for c in self.timed if c.peak_kb is not None]
+        return max(peaks) if peaks else None
+
+    def as_json(self) -> dict:
+        t = self.timed
+        return {
+            "median_s": self.median(), "min_s": min(c.seconds for c in t),
+            "max_s": max(c.seconds for c in t), "rows": t[-1].rows,
+            "buffers": round(self.median("buffers")), "buffers_read": round(self.median("read")),
+            "peak_kb": self.peak_kb,
+            "seconds_per_call": [round(c.seconds, 5) for c in self.calls],
+        }
+
+
+@dataclass
+class Outcome:
+    workload: Workload
+    runs: int  # runs of the commit
+    stats: dict[str, Stats]
+    summary: dict
+    agree: bool
+    problems: list[str] = field(default_factory=list)
+    explain: list[str] = field(default_factory=list)
+
+    @property
+    def b_over_a(self) -> float:
+        return self.stats["B"].median() / self.stats["A"].median()
+
+    @property
+    def a_over_c(self) -> float:
+        return self.stats["A"].median() / self.stats["C"].median()
+
+    def as_json(self) -> dict:
+        return {
+            "workload": self.workload.as_json(), "runs_in_commit": self.runs,
+            "summary": self.summary, "agree": self.agree, "problems": self.problems,
+            "b_over_a": round(self.b_over_a, 2), "a_over_c": round(self.a_over_c, 2),
+            "paths": {p: s.as_json() for p, s in self.stats.items()},
+            **({"explain": self.explain} if self.explain else {}),
+        }
+
+
+class PeakMemory:
+    """The highest RssAnon of a process while the block runs, sampled every 2 ms."""
+
+    def __init__(self, pid: int | None):
+        self.path = f"/proc/{pid}/status" if pid else None
+        self.peak_kb: int | None = None
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        try:
+            with open(self.path) as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        kb = int(line.split()[1])
+                        self.peak_kb = max(self.peak_kb or 0, kb)
+                        return
+        except OSError:
+            self.path = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.002) and self.path:
+            self._sample()
+
+    def __enter__(self) -> "PeakMemory":
+        if self.path:
+            self._sample()
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.path:
+            self._stop.set()
+            self._thread.join()
+            self._sample()
+
+
+class Session:
+    """One connection to the bench schema, running A, B and C in rolled-back transactions."""
+
+    def __init__(self, url: str, *, local: bool):
+        self.conn = psycopg.connect(url, autocommit=True)
+        benchdata.use_schema(self.conn)
+        (pid,) = self.conn.execute("select pg_backend_pid()").fetchone()
+        self.pid = pid if local and _is_postgres(pid) else None
+        self.params = {"repo": REPO_ID, "sha": COMMIT_SHA}
+        (self.oids,) = self.conn.execute(
+            """
+            select array_agg(c.oid) || array_agg(c.reltoastrelid) filter (where c.reltoastrelid <> 0)
+              from pg_class c join pg_namespace n on n.oid = c.relnamespace
+             where n.nspname in (%s, 'flakectl') and c.relkind in ('r', 'i', 'p', 'I')
+            """, (SCHEMA,)).fetchone()
+        self.function_calls = 0
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def prepare(self, workload: Workload) -> None:
+        self.params["uploads"] = workload.upload_ids
+        (self.params["max_id"],) = self.conn.execute(
+            "select coalesce(max(id), 0) from test_analytics_flake").fetchone()
+
+    def _buffers(self) -> tuple[int, int]:
+        return self.conn.execute(_BUFFERS, (self.oids,)).fetchone()
+
+    def call(self, path: str, *, timed: bool) -> Call:
+        run: Callable[[], tuple[int, dict | None]] = {
+            "A": self._function, "B": self._worker, "C": self._floor}[path]
+        self.conn.execute("begin")
+        try:
+            fetched0, hit0 = self._buffers()
+            with PeakMemory(self.pid) as memory:
+                started = time.perf_counter()
+                rows, summary = run()
+                seconds = time.perf_counter() - started
+            fetched1, hit1 = self._buffers()
+            state = tuple(self.conn.execute(_STATE, self.params).fetchone()) if path != "C" else None
+        finally:
+            self.conn.execute("rollback")
+        if path != "C":
+            self.conn.execute(f"vacuum {SCHEMA}.ta_timeseries_testrun, {SCHEMA}.test_analytics_flake")
+        fetched, hit = fetched1 - fetched0, hit1 - hit0
+        return Call(path, seconds, rows, fetched, fetched - hit, memory.peak_kb, state, summary, timed)
+
+    def _function(self) -> tuple[int, dict]:
+        with self.conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+            row = cur.execute(_FUNCTION, self.params).fetchone()
+        self.function_calls += 1
+        return row["testruns_considered"], dict(row)
+
+    def _worker(self) -> tuple[int, dict]:
+        r = workerpath.process_commit(self.conn, REPO_ID, COMMIT_SHA)
+        return r.rows_fetched, {
+            "uploads_processed": r.uploads, "flakes_created": r.flakes_created,
+            "flakes_updated": r.flakes_updated, "flakes_expired": r.flakes_expired,
+            "testruns_marked": r.testruns_marked}
+
+    def _floor(self) -> tuple[int, None]:
+        (n,) = self.conn.execute(_FLOOR, self.params).fetchone()
+        return n, None
+
+    def explain_function(self) -> list[str]:
+        """The function's statements as they ran (auto_explain, ANALYZE, BUFFERS), rolled back."""
+        self.conn.execute("begin")
+        try:
+            with nested_plans(self.conn, fmt="text") as plans:
+                self.conn.execute(_FUNCTION, self.params).fetchone()
+        finally:
+            self.conn.execute("rollback")
+        return [f"-- {p.duration_ms:.1f} ms\n{_shorten(p.text)}" for p in plans]
+
+
+def _shorten(text: str) -> str:
+    """Plans with the array constants of a large call folded: '{<5000 elements>}'."""
+    return re.sub(r"'\{([^}]{200,})\}'",
+                  lambda m: "'{<%d elements>}'" % (m.group(1).count(",") + 1), text)
+
+
+def _is_postgres(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip() in ("postgres", "postmaster")
+    except OSError:
+        return False
+
+
+def measure(url: str, workload: Workload, repeat: int, *, local: bool, explain: bool = False,
+            progress: Callable[[str], None] = lambda s: None) -> Outcome:
+    """Run A, B and C alternating, each path on a connection of its own (its
+    backend's peak memory is its own), and compare A's and B's states."""
+    sessions = {p: Session(url, local=local) for p in PATHS}
+    try:
+        return _measure(sessions, workload, repeat, explain=explain, progress=progress)
+    finally:
+        for session in sessions.values():
+            session.close()
+
+
+def _measure(sessions: dict[str, Session], workload: Workload, repeat: int, *, explain: bool,
+             progress: Callable[[str], None]) -> Outcome:
+    for session in sessions.values():
+        session.prepare(workload)
+    warmup = max(1, MIN_FUNCTION_CALLS - repeat)
+    calls: dict[str, list[Call]] = {p: [] for p in PATHS}
+    for i in range(warmup + repeat):
+        for path in PATHS:
+            if path != "A" and 0 < i < warmup:
+                continue  # one warm-up call of B and C is enough; A's are the plan-cache guard check
+            progress(f"{path} call {len(calls[path]) + 1}")
+            calls[path].append(sessions[path].call(path, timed=i >= warmup))
+    stats = {p: Stats(p, c) for p, c in calls.items()}
+    a, b = calls["A"], calls["B"]
+    problems = []
+    if len({c.state for c in a}) != 1:
+        problems.append("A left different states in different calls")
+    if len({c.state for c in b}) != 1:
+        problems.append("B left different states in different calls")
+    if a[0].state != b[0].state:
+        problems.append(f"A and B left different states: A {a[0].state}, B {b[0].state}")
+    for key, value in b[0].summary.items():
+        if a[0].summary[key] != value:
+            problems.append(f"{key}: A {a[0].summary[key]}, B {value}")
+    agree = not problems
+    if calls["C"][0].rows != a[0].rows:
+        problems.append(f"C counted {calls['C'][0].rows} rows, A considered {a[0].rows}"
+                        " (the floor query does not match the function's rows)")
+    outcome = Outcome(workload, benchdata.runs_in_commit(sessions["A"].conn), stats, a[0].summary,
+                      agree, problems)
+    if explain:
+        outcome.explain = sessions["A"].explain_function()
+    return outcome
+
+
+# --------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:,.1f} ms" if seconds < 10 else f"{seconds:,.1f} s"
+
+
+def _mb(kb: int | None) -> str:
+    return "n/a" if kb is None else f"{kb / 1024:,.1f} MB"
+
+
+def describe(o: Outcome) -> list[str]:
+    w = o.workload
+    s = o.summary
+    out = [f"{w.shape}: {w.uploads} uploads x {w.tests:,} tests = {o.runs:,} runs in the commit"
+           f" (+{w.other_rows:,} other rows; {w.flaky} flaky tests, {w.open_flakes} open flakes;"
+           f" seed {w.seed})",
+           f"function summary: {s['uploads_processed']} uploads, {s['testruns_considered']:,} runs"
+           f" considered, {s['flakes_created']} flakes created, {s['flakes_updated']} updated,"
+           f" {s['flakes_expired']} expired, {s['testruns_marked']:,} runs marked",
+           "A and B agree (flakes, run outcomes, counters)" if o.agree else "A AND B DISAGREE",
+           *[f"  ! {p}" for p in o.problems], "",
+           "| path | median | min | max | rows | buffers | not in shared buffers | peak backend memory |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in PATHS:
+        st = o.stats[p]
+        t = [c.seconds for c in st.timed]
+        out.append(f"| {PATH_NAMES[p]} | {_ms(st.median())} | {_ms(min(t))} | {_ms(max(t))}"
+                   f" | {st.timed[-1].rows:,} | {round(st.median('buffers')):,}"
+                   f" | {round(st.median('read')):,} | {_mb(st.peak_kb)} |")
+    a_calls = ", ".join(f"{c.seconds * 1000:.0f}" for c in o.stats["A"].calls)
+    out += ["", f"B/A = {o.b_over_a:,.1f}x    A/C = {o.a_over_c:,.2f}",
+            f"A, every call in order (ms): {a_calls}"]
+    return out
+
+
+def sizes_table(outcomes: list[Outcome]) -> list[str]:
+    out = ["| runs in commit | tests x uploads | rows considered | A median | A vs previous"
+           " | B median | C median | B/A | A/C | A buffers | A peak memory |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    previous = None
+    for o in outcomes:
+        a = o.stats["A"].median()
+        ratio = f"{a / previous:.2f}x" if previous else "-"
+        previous = a
+        out.append(f"| {o.runs:,} | {o.workload.tests:,} x {o.workload.uploads} |"
+                   f" {o.summary['testruns_considered']:,} | {_ms(a)} | {ratio} |"
+                   f" {_ms(o.stats['B'].median())} | {_ms(o.stats['C'].median())} |"
+                   f" {o.b_over_a:,.1f}x | {o.a_over_c:.2f} |"
+                   f" {round(o.stats['A'].median('buffers')):,} | {_mb(o.stats['A'].peak_kb)} |")
+    return out
+
+
+# --------------------------------------------------------------------------
+# Command
+# --------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dsn", help="benchmark in a scratch schema (flakectl_bench) of this database,"
+                        " which must have flakectl installed; default: a throwaway server")
+    parser.add_argument("--shape", choices=benchdata.SHAPES, default="realistic",
+                        help="failure model (default realistic)")
+    parser.add_argument("--uploads", type=int, default=50, help="uploads in the commit (default 50)")
+    parser.add_argument("--tests", type=int, default=20_000, help="tests per upload (default 20000)")
+    parser.add_argument("--flaky-tests", type=int, default=None,
+                        help="realistic: flaky tests (default 1%% of tests)")
+    parser.add_argument("--open-flakes", type=int, default=200, help="open flakes before the call (default 200)")
+    parser.add_argument("--other-rows", type=int, default=1_000_000,
+                        help="runs of other commits and repositories in the table (default 1000000)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=5, help="timed calls of each path (default 5)")
+    parser.add_argument("--sizes", action="store_true",
+                        help="scaling table: 50 uploads x 200/2000/20000/40000 tests, 50 flaky tests,"
+                             " 50 open flakes (10k to 2M runs)")
+    parser.add_argument("--explain", action="store_true",
+                        help="also print the function's statements as they ran (auto_explain)")
+    parser.add_argument("--keep", action="store_true", help="with --dsn: keep the scratch schema")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def workloads(args: argparse.Namespace) -> list[Workload]:
+    base = Workload(shape=args.shape, uploads=args.uploads, tests=args.tests,
+                    flaky_tests=args.flaky_tests, open_flakes=args.open_flakes,
+                    other_rows=args.other_rows, seed=args.seed)
+    if not args.sizes:
+        return [base]
+    return [replace(base, tests=t, flaky_tests=SIZES_FLAKY, open_flakes=SIZES_OPEN) for t in SIZES]
+
+
+class BenchError(Exception):
+    pass
+
+
+def _check_installed(conn: psycopg.Connection) -> None:
+    if conn.execute("select to_regproc('flakectl.process_commit') is null").fetchone()[0]:
+        raise BenchError("flakectl is not installed in this database (run `flakectl db upgrade`"
+                         " first), or run the bench without --dsn on a throwaway server")
+    missing = [t for t in benchdata.TABLES
+               if conn.execute("select to_regclass(%s) is null", (f"public.{t}",)).fetchone()[0]]
+    if missing:
+        raise BenchError(f"public.{missing[0]} is missing: the scratch schema copies the Codecov tables")
+    clash = conn.execute("select count(*) from flakectl.processed_upload where upload_id >= %s",
+                         (benchdata.UPLOAD_BASE,)).fetchone()[0]
+    if clash:
+        raise BenchError(f"flakectl.processed_upload holds upload ids >= {benchdata.UPLOAD_BASE},"
+                         " the range the bench uses; refusing")
+
+
+def _is_local(url: str) -> bool:
+    host = str(psycopg.conninfo.conninfo_to_dict(url).get("host") or "")
+    return host in ("", "localhost", "127.0.0.1", "::1") or host.startswith("/")
+
+
+def bench(url: str, args: argparse.Namespace, *, local: bool, err: TextIO) -> tuple[list[Outcome], dict]:
+    def say(text: str) -> None:
+        err.write(f"flakectl bench: {text}\n")
+        err.flush()
+
+    with psycopg.connect(url, autocommit=True) as admin:
+        _check_installed(admin)
+        env = {
+            "server_version": admin.execute("show server_version").fetchone()[0],
+            "nproc": os.cpu_count(), "memory_gb": _memory_gb(), "machine": platform.machine(),
+            "settings": dict(admin.execute(
+                "select name, current_setting(name) from pg_settings where name = any(%s)",
+                (["shared_buffers", "work_mem", "max_wal_size", "fsync", "jit", "maintenance_work_mem"],)
+            ).fetchall()),
+        }
+        benchdata.create_schema(admin)
+        benchdata.use_schema(admin)
+        outcomes = []
+        try:
+            for w in workloads(args):
+                say(f"generating {w.shape}: {w.uploads} uploads x {w.tests:,} tests"
+                    f" + {w.other_rows:,} other rows")
+                started = time.perf_counter()
+                benchdata.generate(admin, w)
+                say(f"generated in {time.perf_counter() - started:.1f} s; running A, B, C")
+                outcomes.append(measure(url, w, args.repeat, local=local, explain=args.explain))
+                say(describe(outcomes[-1])[2])
+        finally:
+            if not (args.keep and args.dsn):
+                benchdata.drop_schema(admin)
+    return outcomes, env
+
+
+def _memory_gb() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return round(int(f.readline().split()[1]) / 1024 / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def run(args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    if args.repeat < 1:
+        err.write("flakectl bench: --repeat must be at least 1\n")
+        return 2
+    try:
+        if args.dsn:
+            outcomes, env = bench(args.dsn, args, local=_is_local(args.dsn), err=err)
+        else:
+            err.write("flakectl bench: starting a throwaway PostgreSQL\n")
+            with ThrowawayServer(settings=SERVER_SETTINGS) as server:
+                migrate.upgrade(server.url)
+                outcomes, env = bench(server.url, args, local=True, err=err)
+    except (BenchError, ValueError) as exc:
+        err.write(f"flakectl bench: {exc}\n")
+        return 2
+    if args.json:
+        out.write(json.dumps({"environment": env, "repeat": args.repeat,
+                              "results": [o.as_json() for o in outcomes]}, indent=2) + "\n")
+    else:
+        s = env["settings"]
+        lines = [f"flakectl bench: PostgreSQL {env['server_version']}, {env['nproc']} CPUs,"
+                 f" {env['memory_gb']} GB RAM; shared_buffers {s.get('shared_buffers')},"
+                 f" work_mem {s.get('work_mem')}, jit {s.get('jit')}; {args.repeat} timed calls"
+                 f" per path (medians), A called {MIN_FUNCTION_CALLS}+ times per session", ""]
+        for o in outcomes:
+            lines += describe(o) + [""]
+            lines += o.explain + ([""] if o.explain else [])
+        if args.sizes:
+            lines += ["scaling (relevant rows held fixed):", "", *sizes_table(outcomes)]
+        out.write("\n".join(lines) + "\n")
+    return 0 if all(o.agree for o in outcomes) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flakectl.bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+__all__ = ["add_arguments", "run", "main", "measure", "Session", "SERVER_SETTINGS", "SIZES"]
+
+if __name__ == "__main__":
+    sys.exit(main())
