@@ -20,7 +20,7 @@ import pytest
 
 import flakectl
 from flakectl import reference
-from flakectl.model import Summary
+from flakectl.model import Snapshot, Summary
 
 from builders import Repo, at
 from conftest import TEMPLATE, create_database, drop_database
@@ -74,7 +74,7 @@ PARKED = {
 }
 
 
-def parked_call(db_url: str, monitor: psycopg.Connection, point: str, timeout_ms: int | None = None):
+def parked_call(db_url: str, monitor: psycopg.Connection, point: str, timeout_ms: int | None):
     """Start process_commit(sha1) in a session "B" and return once it is
     parked at `point`: (blocker session, B, B's pid)."""
     park, (event_type, event), _ = PARKED[point]
@@ -95,35 +95,48 @@ def parked_call(db_url: str, monitor: psycopg.Connection, point: str, timeout_ms
     return blocker, b, pid
 
 
-def assert_cancelled_in(exc: flakectl.FlakectlError, point: str) -> None:
-    assert exc.sqlstate == "57014", exc  # query_canceled, for a cancel and for statement_timeout alike
-    assert PARKED[point][2] in exc.__cause__.diag.context
+def retry_does_everything(conn: psycopg.Connection, snapshot: Snapshot) -> None:
+    """The worker's retry of process_commit(sha1) does the whole call, once."""
+    want = reference.process_commit(snapshot, R, "sha1")
+    assert flakectl.process_commit(conn, R, "sha1") == want.summary
+    assert_state(conn, reference.apply(snapshot, want), {f.id for f in snapshot.flakes})
 
 
-@pytest.mark.parametrize("how", ["pg_cancel_backend", "statement_timeout"])
+STOP = {
+    # how: (SQL run by the monitor on the parked call's pid, statement_timeout of the call)
+    "pg_cancel_backend": ("select pg_cancel_backend(%s)", None),
+    "statement_timeout": (None, 500),
+    # the connection dies mid-statement: the worker sees a lost connection
+    "pg_terminate_backend": ("select pg_terminate_backend(%s)", None),
+}
+
+
+@pytest.mark.parametrize("how", list(STOP))
 @pytest.mark.parametrize("point", list(PARKED))
-def test_a_call_cancelled_mid_work_leaves_nothing_and_its_retry_does_everything(db_url, monitor, point, how):
+def test_a_call_stopped_mid_work_leaves_nothing_and_its_retry_does_everything(db_url, monitor, point, how):
     with connect(db_url, "setup") as conn:
         history(conn)
         before = state(conn)
         snapshot = whole_snapshot(conn, [R])
         conn.commit()
 
-        blocker, b, pid = parked_call(db_url, monitor, point, timeout_ms=500 if how == "statement_timeout" else None)
+        stop, timeout_ms = STOP[how]
+        blocker, b, pid = parked_call(db_url, monitor, point, timeout_ms)
         with blocker:
-            if how == "pg_cancel_backend":
-                assert monitor.execute("select pg_cancel_backend(%s)", (pid,)).fetchone() == (True,)
+            if stop:
+                assert monitor.execute(stop, (pid,)).fetchone() == (True,)
             with pytest.raises(flakectl.FlakectlError) as info:
                 b.join()
-            assert_cancelled_in(info.value, point)
+            if how == "pg_terminate_backend":
+                assert info.value.sqlstate in ("57P01", None), info.value  # admin_shutdown, or a lost connection
+            else:
+                assert info.value.sqlstate == "57014", info.value  # query_canceled, for both
+                assert PARKED[point][2] in info.value.__cause__.diag.context
             blocker.rollback()
 
         assert state(conn) == before
         conn.commit()
-        # the worker retries: the whole call, once
-        want = reference.process_commit(snapshot, R, "sha1")
-        assert flakectl.process_commit(conn, R, "sha1") == want.summary
-        assert_state(conn, reference.apply(snapshot, want), {f.id for f in snapshot.flakes})
+        retry_does_everything(conn, snapshot)
 
 
 # --- a dropped connection, and the worker's retry ----------------------------
@@ -176,31 +189,7 @@ def test_connection_dropped_before_commit_retry_does_everything(db_url, monitor,
     with connect(db_url, "retry") as retry:
         assert state(retry) == before  # the retry's first statement may run before the old backend has gone
         retry.commit()
-        want = reference.process_commit(snapshot, R, "sha1")
-        assert flakectl.process_commit(retry, R, "sha1") == want.summary
-        assert_state(retry, reference.apply(snapshot, want), {f.id for f in snapshot.flakes})
-
-
-def test_backend_terminated_mid_statement_retry_does_everything(db_url, monitor):
-    with connect(db_url, "setup") as conn:
-        history(conn)
-        snapshot = whole_snapshot(conn, [R])
-        before = state(conn)
-        conn.commit()
-
-        blocker, b, pid = parked_call(db_url, monitor, "run update")
-        with blocker:
-            assert monitor.execute("select pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
-            with pytest.raises(flakectl.FlakectlError) as info:
-                b.join()
-            assert info.value.sqlstate in ("57P01", None), info.value  # admin_shutdown, or just a lost connection
-            blocker.rollback()
-
-        assert state(conn) == before
-        conn.commit()
-        want = reference.process_commit(snapshot, R, "sha1")
-        assert flakectl.process_commit(conn, R, "sha1") == want.summary
-        assert_state(conn, reference.apply(snapshot, want), {f.id for f in snapshot.flakes})
+        retry_does_everything(retry, snapshot)
 
 
 # --- a large commit, cut off by statement_timeout -----------------------------
