@@ -13,12 +13,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import psycopg
 
-from flakectl.model import Snapshot
+from flakectl.model import Snapshot, TestRun
 from flakectl.snapshot import read_snapshot
 
 from dbdata import all_flakes, all_runs, ledger
@@ -132,16 +131,21 @@ def state(conn: psycopg.Connection) -> tuple:
 
 
 def whole_snapshot(conn: psycopg.Connection, repos: list[int]) -> Snapshot:
-    """Every row of `repos` (runs re-keyed to stay unique) and the whole
-    ledger: the state `dbdata.assert_state` compares a database with."""
+    """The commits, reports, uploads and flakes of `repos`, every run in the
+    table and the whole ledger: the state `dbdata.assert_state` compares a
+    database with."""
     parts = [read_snapshot(conn, repo) for repo in repos]
-    runs = [run for part in parts for run in part.testruns]
+    runs = conn.execute(
+        "select timestamp, test_id, outcome, repo_id, upload_id, commit_sha from ta_timeseries_testrun"
+        " order by upload_id, timestamp, test_id, outcome"
+    ).fetchall()
     return Snapshot(
         now=parts[0].now,
         commits=tuple(c for part in parts for c in part.commits),
         reports=tuple(r for part in parts for r in part.reports),
         uploads=tuple(u for part in parts for u in part.uploads),
-        testruns=tuple(replace(run, key=key) for key, run in enumerate(runs)),
+        testruns=tuple(TestRun(key, ts, bytes(test), outcome, repo, upload, sha)
+                       for key, (ts, test, outcome, repo, upload, sha) in enumerate(runs)),
         flakes=tuple(f for part in parts for f in part.flakes),
         ledger=ledger(conn),
     )
