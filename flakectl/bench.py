@@ -368,8 +368,8 @@ def describe(o: Outcome) -> list[str]:
            f" (+{w.other_rows:,} other rows; {w.flaky} flaky tests, {w.open_flakes} open flakes;"
            f" seed {w.seed})",
            f"function summary: {s['uploads_processed']} uploads, {s['testruns_considered']:,} runs"
-           f" considered, {s['flakes_created']} flakes created, {s['flakes_updated']} updated,"
-           f" {s['flakes_expired']} expired, {s['testruns_marked']:,} runs marked",
+           f" considered, {s['flakes_created']:,} flakes created, {s['flakes_updated']:,} updated,"
+           f" {s['flakes_expired']:,} expired, {s['testruns_marked']:,} runs marked",
            "A and B agree (flakes, run outcomes, counters)" if o.agree else "A AND B DISAGREE",
            *[f"  ! {p}" for p in o.problems], "",
            "| path | median | min | max | rows | buffers | not in shared buffers | peak backend memory |",
