@@ -10,7 +10,6 @@ around the psycopg connection flakectl.connection made (Alembic's cookbook
 from __future__ import annotations
 
 import contextlib
-import io
 from collections.abc import Iterator
 
 import psycopg
@@ -21,7 +20,7 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import pool
 
-from flakectl import migrate, sqlfiles
+from flakectl import migrate
 from flakectl.connection import connect
 from flakectl.errors import FlakectlError, from_psycopg
 
@@ -97,30 +96,6 @@ def current(dsn: str | None) -> str | None:
 
 
 def offline_sql(revision: str = "head", start: str | None = None) -> str:
-    """The SQL `upgrade` would run, for applying by hand (`psql -f`).
-
-    Alembic's offline mode writes every statement as SQLAlchemy text compiled
-    for psycopg's pyformat style, which doubles each `%` (format('%s') in a
-    function body would come out as format('%%s'), a literal "%s" in psql).
-    Undone here, and checked: every released body must appear verbatim.
-    """
-    out = io.StringIO()
-    cfg = migrate.config()
-    cfg.output_buffer = out
-    target = f"{start}:{revision}" if start else revision
+    """The SQL `upgrade` would run, for applying by hand (`psql -f`)."""
     with _alembic_errors():
-        command.upgrade(cfg, target, sql=True)
-    text = out.getvalue()
-    if _doubled_percents(text):
-        text = text.replace("%%", "%")
-    return text
-
-
-def _doubled_percents(text: str) -> bool:
-    """True when some released body with a `%` appears only with its `%` doubled."""
-    for path in sqlfiles.released():
-        name, version = path.split("/")
-        body = sqlfiles.body(name, int(version[1:5])).strip()
-        if "%" in body and body not in text and body.replace("%", "%%") in text:
-            return True
-    return False
+        return migrate.sql(revision, start)

@@ -21,8 +21,10 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
-def config(url: str | None = None, *, stdout: io.TextIOBase | None = None) -> Config:
-    cfg = Config(stdout=stdout) if stdout is not None else Config()
+def config(url: str | None = None, *, output_buffer: io.TextIOBase | None = None) -> Config:
+    """Alembic's Config for the packaged migrations; `output_buffer` receives
+    the SQL of offline (`sql=True`) runs instead of stdout."""
+    cfg = Config(output_buffer=output_buffer)
     cfg.set_main_option("script_location", str(resources.files("flakectl.migrations")))
     if url:
         cfg.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
@@ -41,7 +43,7 @@ def sql(revision: str = "head", start: str | None = None) -> str:
     """The SQL an upgrade to `revision` would run (Alembic's offline mode)."""
     out = io.StringIO()
     target = f"{start}:{revision}" if start else revision
-    command.upgrade(config(stdout=out), target, sql=True)
+    command.upgrade(config(output_buffer=out), target, sql=True)
     return out.getvalue()
 
 

@@ -40,9 +40,13 @@ def database_url() -> str:
 
 
 def run_offline() -> None:
+    # The script is for psql, not a driver: with psycopg's pyformat paramstyle
+    # every `%` of a function body would come out doubled (format('%s') as
+    # format('%%s')); the named style leaves the text as it is.
     context.configure(
         url=main_option("sqlalchemy.url") or "postgresql+psycopg://",
         dialect_name="postgresql",
+        dialect_opts={"paramstyle": "named"},
         literal_binds=True,
         transactional_ddl=True,
     )

@@ -297,6 +297,7 @@ def test_db_sql_applied_by_psql_equals_an_online_upgrade(cli, server, db_url, em
     code, sql, err = cli("db", "sql")
     assert (code, err) == (0, "")
     assert sql.startswith("BEGIN;\n") and sql.rstrip().endswith("COMMIT;")
+    assert "create or replace function flakectl.process_upload_set" in sql
     assert "%%" not in sql
     for path in sqlfiles.released():
         name, version = path.split("/")
