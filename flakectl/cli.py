@@ -7,12 +7,13 @@ reference, and a demo on a throwaway server.
     flakectl status [--repo ID]                   what is installed, what the tables hold
     flakectl prune --older-than 30d               forget old ledger rows
     flakectl demo                                 the whole thing on a throwaway server
+    flakectl bench                                the function vs the worker's path, timed
 
 Every option also reads an environment variable, named in --help (flags
 given on the command line win). Data goes to stdout, diagnostics to stderr. A
 user mistake prints one line `flakectl: error: ...` and exits 1 (2 for a
 wrong command line); `verify` exits 1 when the function and the reference
-differ.
+differ, `bench` when the function and the worker's path leave different states.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -34,6 +36,7 @@ from flakectl.errors import (
     LockNotAvailable,
     NotInstalled,
     WrongIsolationLevel,
+    wrap_exceptions,
 )
 from flakectl.model import Summary
 
@@ -163,6 +166,21 @@ def _whole(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def _count(text: str) -> int:
+    value = _whole(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _one_of(choices: Sequence[str]) -> Callable[[str], str]:
+    def convert(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {text!r}")
+        return text
+    return convert
 
 
 def _id_list(text: str) -> list[int]:
@@ -330,6 +348,13 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(size, json_output=args.json, out=sys.stdout, err=sys.stderr)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from flakectl import bench
+
+    with wrap_exceptions():  # a refused connection: one line, not a traceback
+        return bench.run(args, out=sys.stdout, err=sys.stderr)
+
+
 # --------------------------------------------------------------------------
 # The parser
 # --------------------------------------------------------------------------
@@ -352,6 +377,35 @@ def _call_options(parser: argparse.ArgumentParser) -> None:
             help=f"ignore runs older than this, e.g. {EXAMPLES}")
     _option(parser, "--expire-after", type=_positive_int, default=reference.DEFAULT_EXPIRE_AFTER,
             metavar="N", help="passes in a row that end a flake")
+
+
+_DEFAULT_NOTE = re.compile(r" \(default [^()]*\)$")
+
+
+def _env_options_from(parser: argparse.ArgumentParser, add_arguments: Callable,
+                      overrides: dict[str, dict]) -> None:
+    """Add the options that `add_arguments` declares (a module's plain argparse
+    options) through _option, so they follow this command's conventions: each
+    reads $FLAKECTL_<NAME>, its --help names the variable and the default, and
+    a bad value is a usage error. Whole numbers must be 0 or more; `overrides`
+    maps an option's dest to _option arguments of its own (type, env, help)."""
+    plain = argparse.ArgumentParser(add_help=False)
+    add_arguments(plain)
+    for action in plain._actions:  # noqa: SLF001 - argparse lists them nowhere else
+        switch = action.nargs == 0
+        options = dict(
+            help=action.help or action.dest.replace("_", " "), switch=switch, dest=action.dest,
+            default=None if switch else action.default,
+            type=_one_of(list(action.choices)) if action.choices
+            else _count if action.type is int else action.type or str,
+            metavar=None if switch or action.choices else "N" if action.type is int else action.dest.upper(),
+        )
+        if action.choices:
+            options["choices"] = action.choices
+        if options["default"] is not None:  # _option shows it
+            options["help"] = _DEFAULT_NOTE.sub("", options["help"])
+        options.update(overrides.get(action.dest, {}))
+        _option(parser, max(action.option_strings, key=len), **options)
 
 
 def _sub(subparsers, name: str, help: str, example: str, func) -> argparse.ArgumentParser:  # noqa: ANN001, A002
@@ -456,6 +510,29 @@ def build_parser() -> argparse.ArgumentParser:
             help="share of tests that are genuinely flaky")
     _option(p, "--seed", type=_whole, default=1, metavar="N", help="random seed (same seed, same data)")
     _json_flag(p)
+
+    from flakectl import bench
+
+    p = _sub(commands, "bench",
+             "time the function (A) against the worker's Python path (B) and the read floor (C) on a"
+             " generated commit",
+             "  flakectl bench --uploads 5 --tests 2000 --other-rows 0   # a small one\n"
+             "  flakectl bench --shape storm --json\n"
+             "  flakectl bench --dsn postgresql://postgres@localhost/scratch --keep\n\n"
+             "Without --dsn on a throwaway PostgreSQL (server binaries needed, as for demo). The\n"
+             "default size is 1M runs in the commit plus 1M other rows: slow to generate, and on\n"
+             "2 CPUs each call of B alone takes about 6 s. With --dsn, in a scratch schema\n"
+             "flakectl_bench of that database, which must have flakectl installed;\n"
+             "$FLAKECTL_DATABASE_URL is not read, so the bench never writes to a database nobody\n"
+             "named for it. Every call is rolled back. Exit 1 when A and B leave different\n"
+             "states; 2, with a line `flakectl bench: ...`, when it refuses the database.",
+             _bench)
+    _env_options_from(p, bench.add_arguments, {
+        "dsn": {"env": "FLAKECTL_BENCH_DSN", "metavar": "DSN"},
+        "uploads": {"type": _positive_int}, "tests": {"type": _positive_int},
+        "repeat": {"type": _positive_int},
+        "seed": {"type": _whole, "help": "random seed (same seed, same data)"},
+    })
     return parser
 
 

@@ -25,7 +25,8 @@ HEAD = "0003"
 def cli(capsys, monkeypatch):
     """Run `flakectl ARGS...`: (exit code, stdout, stderr)."""
     for name in ("FLAKECTL_DATABASE_URL", "FLAKECTL_REPO", "FLAKECTL_LOOKBACK", "FLAKECTL_JSON",
-                 "FLAKECTL_COMMIT", "FLAKECTL_UPLOADS", "FLAKECTL_EXPIRE_AFTER"):
+                 "FLAKECTL_COMMIT", "FLAKECTL_UPLOADS", "FLAKECTL_EXPIRE_AFTER", "FLAKECTL_BENCH_DSN",
+                 "FLAKECTL_TESTS", "FLAKECTL_OTHER_ROWS", "FLAKECTL_REPEAT", "FLAKECTL_SHAPE"):
         monkeypatch.delenv(name, raising=False)
 
     def run(*argv: str) -> tuple[int, str, str]:
@@ -106,7 +107,7 @@ def test_format_duration(value, text):
 
 
 SUBCOMMANDS = [["db", "upgrade"], ["db", "downgrade"], ["db", "current"], ["db", "sql"], ["process"],
-               ["verify"], ["status"], ["prune"], ["demo"]]
+               ["verify"], ["status"], ["prune"], ["demo"], ["bench"]]
 
 
 @pytest.mark.parametrize("words", SUBCOMMANDS, ids=" ".join)
@@ -119,14 +120,16 @@ def test_help_has_an_example_and_every_flags_env_var(cli, words):
     assert flags, out
     text = " ".join(out.split())
     for flag in flags:
-        name = "DATABASE_URL" if flag == "--dsn" else flag[2:].upper().replace("-", "_")
+        name = flag[2:].upper().replace("-", "_")
+        if flag == "--dsn":  # the bench writes to no database unless named for it
+            name = "BENCH_DSN" if words == ["bench"] else "DATABASE_URL"
         assert f"env: FLAKECTL_{name}" in text, flag
 
 
 def test_top_level_help_lists_the_commands(cli):
     code, out, _ = cli("--help")
     assert code == 0
-    for name in ("db", "process", "verify", "status", "prune", "demo"):
+    for name in ("db", "process", "verify", "status", "prune", "demo", "bench"):
         assert re.search(rf"^    {name} ", out, re.M)
 
 
@@ -151,8 +154,13 @@ def test_top_level_help_lists_the_commands(cli):
      " e.g. 1d, 12h, 30m, 90s, 2w or 1d12h (see `flakectl prune --help`)"),
     (["db", "downgrade"], "the following arguments are required: REV (see `flakectl db downgrade --help`)"),
     (["demo", "--tests", "0"], "argument --tests: must be at least 1, got 0 (see `flakectl demo --help`)"),
+    (["bench", "--uploads", "0"], "argument --uploads: must be at least 1, got 0 (see `flakectl bench --help`)"),
+    (["bench", "--shape", "spiky"], "argument --shape: expected one of realistic, uniform, storm, got 'spiky'"
+                                    " (see `flakectl bench --help`)"),
+    (["bench", "--other-rows", "-1"], "argument --other-rows: must be 0 or more, got -1"
+                                      " (see `flakectl bench --help`)"),
     (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate' (choose from 'db', 'process',"
-                     " 'verify', 'status', 'prune', 'demo') (see `flakectl --help`)"),
+                     " 'verify', 'status', 'prune', 'demo', 'bench') (see `flakectl --help`)"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(cli, argv, message):
     code, out, err = cli(*argv)
@@ -610,6 +618,53 @@ def test_prune_refuses_short_ages(cli, db_url, age, shown):
     assert one_error_line(err) == (
         "argument older_than must be at least 2 days (twice the default lookback), got"
         f" {shown}; use --older-than 2d or longer")
+
+
+# --- bench (the smallest sizes; tests/test_bench.py covers the bench itself) ----
+
+
+def test_bench_small(cli, db_url):
+    code, out, err = cli("bench", "--dsn", db_url, "--uploads", "3", "--tests", "200",
+                         "--other-rows", "0", "--repeat", "1")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert re.fullmatch(r"flakectl bench: PostgreSQL \d+\.\d+.*, \d+ CPUs, .* GB RAM; shared_buffers \S+,"
+                        r" work_mem \S+, jit (on|off); 1 timed calls per path \(medians\),"
+                        r" A called 10\+ times per session", lines[0]), lines[0]
+    assert lines[1:6] == [
+        "",
+        "realistic: 3 uploads x 200 tests = 600 runs in the commit"
+        " (+0 other rows; 2 flaky tests, 200 open flakes; seed 1)",
+        lines[3],
+        "A and B agree (flakes, run outcomes, counters)",
+        "",
+    ]
+    assert re.fullmatch(r"function summary: 3 uploads, \d+ runs considered, \d+ flakes created,"
+                        r" \d+ updated, \d+ expired, \d+ runs marked", lines[3]), lines[3]
+    assert lines[6:8] == [
+        "| path | median | min | max | rows | buffers | not in shared buffers | peak backend memory |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    number = r"[\d,.]+ (ms|s)"
+    for line, path in zip(lines[8:11], ("A function", "B worker path", "C read floor")):
+        assert re.fullmatch(rf"\| {path} \| {number} \| {number} \| {number} \| [\d,]+ \| [\d,]+"
+                            r" \| [\d,]+ \| ([\d,.]+ MB|n/a) \|", line), line
+    assert lines[11] == ""
+    assert re.fullmatch(r"B/A = [\d,.]+x    A/C = [\d,.]+", lines[12]), lines[12]
+    assert re.fullmatch(r"A, every call in order \(ms\): \d+(, \d+){9}", lines[13]), lines[13]
+    assert lines[14:] == [""]
+    progress = err.splitlines()
+    assert progress[0] == "flakectl bench: generating realistic: 3 uploads x 200 tests + 0 other rows"
+    assert re.fullmatch(r"flakectl bench: generated in [\d.]+ s; running A, B, C", progress[1])
+    assert progress[2:] == ["flakectl bench: A and B agree (flakes, run outcomes, counters)"]
+
+
+def test_bench_reads_its_own_dsn_variable_only(cli, monkeypatch, db_url):
+    monkeypatch.setenv("FLAKECTL_DATABASE_URL", db_url)
+    monkeypatch.setenv("FLAKECTL_BENCH_DSN", "postgresql://postgres@127.0.0.1:1/nowhere")
+    code, out, err = cli("bench", "--uploads", "1", "--tests", "1")
+    assert (code, out) == (1, "")
+    assert one_error_line(err).startswith("could not connect to PostgreSQL: ")
 
 
 def test_every_subcommand_is_tested():
