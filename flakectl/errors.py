@@ -53,7 +53,13 @@ class WrongIsolationLevel(FlakectlError):
 
 
 class NotInstalled(FlakectlError):
-    """flakectl is not installed in this database: run `flakectl db upgrade` (or `alembic upgrade head`)."""
+    """flakectl is not installed in this database: run `flakectl db upgrade` (or `alembic upgrade head`)"""
+
+    @classmethod
+    def because(cls, reason: str) -> NotInstalled:
+        """The message with the server's reason between the finding and the remedy."""
+        finding, remedy = (cls.__doc__ or "").strip().split(": ", 1)
+        return cls(f"{finding}: {reason.strip().rstrip('.')}; {remedy}")
 
 
 class ConnectionFailed(FlakectlError):
@@ -79,7 +85,7 @@ def from_psycopg(exc: psycopg.Error) -> FlakectlError:
     if state in _BY_SQLSTATE:
         return _BY_SQLSTATE[state](message)
     if state in _NOT_INSTALLED and "flakectl" in message:
-        return NotInstalled(f"{NotInstalled.__doc__.strip()} ({message})")
+        return NotInstalled.because(message)
     return FlakectlError(message, sqlstate=state or None)
 
 
