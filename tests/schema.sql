@@ -107,12 +107,14 @@ CREATE FUNCTION flakectl.process_upload_set(p_repo_id bigint, p_candidates bigin
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'force_custom_plan'
     SET jit TO 'off'
+    SET max_parallel_workers_per_gather TO '0'
     AS $$
 declare
   -- the window starts lookback before now, in UTC whatever the session's TimeZone
   v_cutoff timestamptz := (now() at time zone 'UTC' - p_lookback) at time zone 'UTC';
   v_uploads bigint[];
   v_tests bytea[];
+  v_lim0 integer[];
   v_changes flakectl.flake_change[];
   v_result flakectl.summary;
 begin
@@ -121,10 +123,13 @@ begin
     into v_uploads, v_result.uploads_skipped
     from unnest(p_candidates) as c(id)
     left join flakectl.processed_upload l on l.upload_id = c.id;
-  v_result.uploads_processed := cardinality(v_uploads);
+  v_result.uploads_processed := cardinality(v_uploads)::bigint;
 
-  select coalesce(array_agg(t.test_id), '{}')
-    into v_tests
+  -- the tests that matter, sorted (the per-test reads then walk the index in
+  -- order), each with the pass of group 0 that expires its open flake
+  select coalesce(array_agg(t.test_id order by t.test_id), '{}'),
+         coalesce(array_agg(greatest(p_expire_after - o.recent_passes_count, 1) order by t.test_id), '{}')
+    into v_tests, v_lim0
     from (
       select r.test_id
         from ta_timeseries_testrun r
@@ -137,42 +142,32 @@ begin
         from test_analytics_flake f
        where f.repoid = p_repo_id
          and f.end_date is null
-    ) t;
+    ) t
+    left join test_analytics_flake o
+      on o.repoid = p_repo_id and o.test_id = t.test_id and o.end_date is null;
 
-  with test as (
-    -- the tests that matter, numbered (an int4 sorts faster than a bytea),
-    -- with their open flake; lim0 is the pass of group 0 that expires it
-    select t.idx::integer as idx, t.test_id, o.id as flake_id, o.count as count0,
-           o.fail_count as fail_count0, o.recent_passes_count as rpc0, o.start_date as start_date0,
-           greatest(p_expire_after - o.recent_passes_count, 1) as lim0
-      from unnest(v_tests) with ordinality as t(test_id, idx)
-      left join test_analytics_flake o
-        on o.repoid = p_repo_id and o.test_id = t.test_id and o.end_date is null
-  ),
-  run as (
-    select r.test_id, r.upload_id, r.timestamp as ts, true as is_fail,
+  with run as (
+    select t.idx, t.lim0, r.upload_id, r.timestamp as ts,
+           r.outcome <> 'pass' as is_fail,
            r.outcome in ('failure', 'error') as to_mark
-      from ta_timeseries_testrun r
-     where r.upload_id = any(v_uploads)
-       and r.outcome in ('failure', 'error', 'flaky_fail')
-       and r.repo_id = p_repo_id
-       and r.timestamp >= v_cutoff
-    union all
-    select r.test_id, r.upload_id, r.timestamp, false, false
-      from ta_timeseries_testrun r
-     where r.upload_id = any(v_uploads)
-       and r.outcome = 'pass'
-       and r.test_id = any(v_tests)
-       and r.repo_id = p_repo_id
-       and r.timestamp >= v_cutoff
+      from unnest(v_tests, v_lim0) with ordinality as t(test_id, lim0, idx)
+      cross join lateral (
+        select r.upload_id, r.timestamp, r.outcome
+          from ta_timeseries_testrun r
+         where r.repo_id = p_repo_id
+           and r.test_id = t.test_id
+           and r.timestamp >= v_cutoff
+           and r.upload_id = any(v_uploads)
+           and r.outcome in ('pass', 'failure', 'error', 'flaky_fail')
+        offset 0
+      ) r
   ),
   numbered as (
-    select t.idx, t.lim0, r.upload_id, r.ts, r.is_fail, r.to_mark,
-           count(*) filter (where r.is_fail) over w as grp,
-           count(*) filter (where not r.is_fail) over w as passes
-      from run r
-      join test t on t.test_id = r.test_id
-    window w as (partition by t.idx order by r.upload_id, r.ts, r.is_fail desc
+    select idx, lim0, upload_id, ts, is_fail, to_mark,
+           count(*) filter (where is_fail) over w as grp,
+           count(*) filter (where not is_fail) over w as passes
+      from run
+    window w as (partition by idx order by upload_id, ts, is_fail desc
                  rows unbounded preceding)
   ),
   ranked as (
@@ -213,8 +208,8 @@ begin
       from per_flake
      group by idx, seq
   )
-  select coalesce(sum(c.considered), 0),
-         coalesce(sum(c.marked), 0),
+  select coalesce(sum(c.considered), 0)::bigint,
+         coalesce(sum(c.marked), 0)::bigint,
          coalesce(array_agg(row(
                    case when c.seq = 0 then t.flake_id end,
                    t.test_id,
@@ -227,7 +222,12 @@ begin
                  filter (where (c.seq = 0 and t.flake_id is not null) or c.fails > 0), '{}')
     into v_result.testruns_considered, v_result.testruns_marked, v_changes
     from change c
-    join test t on t.idx = c.idx;
+    join (select t.idx, t.test_id, o.id as flake_id, o.count as count0,
+                 o.fail_count as fail_count0, o.recent_passes_count as rpc0, o.start_date as start_date0
+            from unnest(v_tests) with ordinality as t(test_id, idx)
+            left join test_analytics_flake o
+              on o.repoid = p_repo_id and o.test_id = t.test_id and o.end_date is null) t
+      on t.idx = c.idx;
 
   select count(*) filter (where c.flake_id is null),
          count(*) filter (where c.flake_id is not null),

@@ -1,6 +1,6 @@
 """plpgsql_check lints every PL/pgSQL function in schema flakectl: errors,
 warnings, extra, security and performance warnings (hidden casts, for one).
-It must report nothing beyond the findings listed in KNOWN.
+It must report nothing.
 
 Needs the plpgsql_check extension on the test server (`.ci/run` installs
 Debian's postgresql-<major>-plpgsql-check); skipped where it is missing.
@@ -14,21 +14,6 @@ import psycopg
 import pytest
 
 from conftest import TEMPLATE, create_database, drop_database
-
-#: Findings reported to the core engineer, not yet fixed in a released body
-#: (plpgsql/<function>/v0001.sql is immutable: a fix is a new body version).
-#: (line in the body, SQLSTATE, message, detail). Remove an entry when its
-#: fix lands: the test fails until it is removed, so the list stays true.
-KNOWN: dict[str, list[tuple]] = {
-    "process_upload_set": [
-        # v_result.uploads_processed := cardinality(v_uploads): int into a bigint field
-        (15, "42804", "target type is different type than source type", 'cast "integer" value to "bigint" type'),
-        # coalesce(sum(c.considered), 0), coalesce(sum(c.marked), 0): sum(bigint) is numeric,
-        # stored into the summary's bigint fields
-        (33, "42804", "target type is different type than source type", 'cast "numeric" value to "bigint" type'),
-        (33, "42804", "target type is different type than source type", 'cast "numeric" value to "bigint" type'),
-    ],
-}
 
 FUNCTIONS = sorted(
     path.name for path in resources.files("flakectl.plpgsql").iterdir()
@@ -84,4 +69,4 @@ def test_every_flakectl_function_is_linted(lint):
 @pytest.mark.parametrize("function", FUNCTIONS)
 def test_plpgsql_check_reports_nothing(lint, function):
     found = findings(lint, function)
-    assert [row[:4] for row in found] == KNOWN.get(function, []), "\n".join(map(str, found))
+    assert found == [], "\n".join(map(str, found))
