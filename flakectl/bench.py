@@ -520,8 +520,8 @@ def run(args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | No
                 migrate.upgrade(server.url)
                 outcomes, env = bench(server.url, args, local=True, err=err)
     except (BenchError, ValueError) as exc:
-        err.write(f"flakectl bench: {exc}\n")
-        return 2
+        err.write(f"flakectl: error: {exc}\n")
+        return 1
     if args.json:
         out.write(json.dumps({"environment": env, "repeat": args.repeat,
                               "results": [o.as_json() for o in outcomes]}, indent=2) + "\n")

@@ -525,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
              "flakectl_bench of that database, which must have flakectl installed;\n"
              "$FLAKECTL_DATABASE_URL is not read, so the bench never writes to a database nobody\n"
              "named for it. Every call is rolled back. Exit 1 when A and B leave different\n"
-             "states; 2, with a line `flakectl bench: ...`, when it refuses the database.",
+             "states, or when it refuses the database (one line `flakectl: error: ...`).",
              _bench)
     _env_options_from(p, bench.add_arguments, {
         "dsn": {"env": "FLAKECTL_BENCH_DSN", "metavar": "DSN"},

@@ -78,7 +78,8 @@ def test_sizes_table(db_url, monkeypatch):
 
 def test_refuses_without_flakectl(empty_db_url):
     code, out, err = run_bench("--dsn", empty_db_url, *TINY)
-    assert code == 2
+    assert code == 1
+    assert err.count("\n") == 1 and err.startswith("flakectl: error: ")
     assert "flakectl is not installed" in err
     assert out == ""
 

@@ -12,13 +12,13 @@ import psycopg
 import pytest
 
 import flakectl
-from flakectl import sqlfiles
+from flakectl import migrate, sqlfiles
 from flakectl.cli import build_parser, main
 from flakectl.durations import format_duration, parse_duration
 
 from builders import Repo, at
 
-HEAD = "0003"
+HEAD = migrate.head()
 
 
 @pytest.fixture
@@ -265,7 +265,7 @@ def test_db_unknown_revision(cli, empty_db_url):
     code, out, err = cli("db", "upgrade", "0099", "--dsn", empty_db_url)
     assert (code, out) == (1, "")
     assert one_error_line(err) == (
-        f"Can't locate revision identified by '0099'; known revisions: 0001, 0002, {HEAD}, or head / base")
+        f"Can't locate revision identified by '0099'; known revisions: 0001, 0002, 0003, 0004, or head / base")
     assert cli("db", "sql", "nope")[0] == 1
 
 
@@ -324,6 +324,7 @@ def test_db_sql_from_a_revision(cli, server, empty_db_url):
     code, sql, _ = cli("db", "sql", "--from", "0002")
     assert code == 0
     assert "-- Running upgrade 0002 -> 0003" in sql
+    assert "-- Running upgrade 0003 -> 0004" in sql
     assert "0001 ->" not in sql and "create table" not in sql
     _psql(server, empty_db_url, sql)
     assert "prune_ledger" in function_names(empty_db_url)
@@ -555,7 +556,7 @@ def test_status(cli, db_url, repo):
     assert code == 0
     assert out.splitlines() == [
         f"revision   {HEAD} (head)",
-        "functions  guard v0001, process_commit v0001, process_upload_set v0001, process_uploads v0001,"
+        "functions  guard v0001, process_commit v0001, process_upload_set v0002, process_uploads v0001,"
         " prune_ledger v0001",
         "ledger     0 uploads",
         "",

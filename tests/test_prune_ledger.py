@@ -66,6 +66,6 @@ def test_revision_0003_up_down_up(empty_db_url):
     migrate.downgrade(empty_db_url, "0002")
     assert _prosrc(empty_db_url) is None
     assert migrate.current(empty_db_url) == "0002"
-    migrate.upgrade(empty_db_url, "head")
+    migrate.upgrade(empty_db_url, "0003")
     assert migrate.current(empty_db_url) == "0003"
     assert _prosrc(empty_db_url) == sqlfiles.body("prune_ledger", 1).split("$$")[1]
