@@ -20,15 +20,16 @@
 --     passes after that are ignored;
 --   * an expired group closes the flake: the groups after it, up to and
 --     including the next expiring one, form the next flake (a new row).
--- Two window passes number the groups and the passes inside them; aggregates
--- then fold groups into flakes; nothing iterates over rows or tests.
+-- One window pass numbers the groups; a group aggregate counts each group's
+-- passes and picks the expiring one by its rank; a window over the groups and
+-- an aggregate fold groups into flakes; nothing iterates over rows or tests.
 --
 -- Why the main statement has this shape (v0001 sorted every run it read,
 -- spilling to disk from ~100k runs, and let the planner pick a sequential
 -- scan for the passes of many tests): the runs arrive test by test, in the
 -- order of the numbered test list, so the per-test order needs only small
--- in-memory sorts (an incremental sort on the test number), and the windows
--- and group aggregates stream; memory does not grow with the commit. The
+-- in-memory sorts (an incremental sort on the test number), and the window
+-- and the group aggregates stream; memory does not grow with the commit. The
 -- open flake's threshold (lim0) travels with the test list for the same
 -- reason: a join there would lose the order.
 --
@@ -103,30 +104,27 @@ begin
   ),
   numbered as (
     select idx, lim0, upload_id, ts, is_fail, to_mark,
-           count(*) filter (where is_fail) over w as grp,
-           count(*) filter (where not is_fail) over w as passes
+           count(*) filter (where is_fail) over (partition by idx order by upload_id, ts, is_fail desc
+                                                 rows unbounded preceding) as grp
       from run
-    window w as (partition by idx order by upload_id, ts, is_fail desc
-                 rows unbounded preceding)
-  ),
-  ranked as (
-    select idx, ts, is_fail, to_mark, grp,
-           case when grp > 0 then p_expire_after else lim0 end as limit_k,
-           passes - coalesce(max(passes) filter (where is_fail) over w, 0) as k
-      from numbered
-    window w as (partition by idx order by upload_id, ts, is_fail desc
-                 rows unbounded preceding)
   ),
   per_group as (
-    select idx, grp,
-           count(*) as considered,
-           count(*) filter (where to_mark) as marked,
-           bool_or(is_fail) as has_fail,
-           min(ts) filter (where is_fail) as fail_ts,
-           count(*) filter (where not is_fail and k <= limit_k) as passes,
-           min(ts) filter (where not is_fail and k = limit_k) as expire_ts
-      from ranked
-     group by idx, grp
+    -- the k-th pass of a group is the k-th of its passes in run order; a
+    -- group of at most a test's runs in the call, so the array stays small
+    select idx, grp, considered, marked, grp > 0 as has_fail, fail_ts,
+           case when limit_k is null then 0 else least(pass_count, limit_k) end as passes,
+           pass_ts[limit_k] as expire_ts
+      from (
+        select idx, grp,
+               case when grp > 0 then p_expire_after else max(lim0) end as limit_k,
+               count(*) as considered,
+               count(*) filter (where to_mark) as marked,
+               min(ts) filter (where is_fail) as fail_ts,
+               count(*) filter (where not is_fail) as pass_count,
+               array_agg(ts order by upload_id, ts) filter (where not is_fail) as pass_ts
+          from numbered
+         group by idx, grp
+      ) g
   ),
   per_flake as (
     select per_group.*,
