@@ -3,6 +3,8 @@
 from flakectl.api import process_commit, process_uploads
 from flakectl.errors import (
     BadInput,
+    ConcurrentConflict,
+    ConnectionFailed,
     FlakectlError,
     InvalidArgument,
     LockNotAvailable,
@@ -14,6 +16,8 @@ from flakectl.model import Summary
 
 __all__ = [
     "BadInput",
+    "ConcurrentConflict",
+    "ConnectionFailed",
     "FlakectlError",
     "InvalidArgument",
     "LockNotAvailable",

@@ -14,7 +14,7 @@ from datetime import timedelta
 import psycopg
 from psycopg.rows import class_row
 
-from flakectl.errors import wrap_exceptions
+from flakectl.errors import InvalidArgument, wrap_exceptions
 from flakectl.model import Summary
 
 _COLUMNS = ", ".join(Summary.columns())
@@ -22,19 +22,36 @@ _COLUMNS = ", ".join(Summary.columns())
 _PROCESS_COMMIT = f"""
 select {_COLUMNS}
   from flakectl.process_commit(
-         repo_id => %(repo_id)s, commit_sha => %(commit_sha)s, lookback => %(lookback)s,
-         expire_after => %(expire_after)s, dry_run => %(dry_run)s, wait => %(wait)s)
+         repo_id => %(repo_id)s::bigint, commit_sha => %(commit_sha)s::text,
+         lookback => %(lookback)s::interval, expire_after => %(expire_after)s::integer,
+         dry_run => %(dry_run)s::boolean, wait => %(wait)s::boolean)
 """
 
 _PROCESS_UPLOADS = f"""
 select {_COLUMNS}
   from flakectl.process_uploads(
-         repo_id => %(repo_id)s, upload_ids => %(upload_ids)s::bigint[], lookback => %(lookback)s,
-         expire_after => %(expire_after)s, dry_run => %(dry_run)s, wait => %(wait)s)
+         repo_id => %(repo_id)s::bigint, upload_ids => %(upload_ids)s::bigint[],
+         lookback => %(lookback)s::interval, expire_after => %(expire_after)s::integer,
+         dry_run => %(dry_run)s::boolean, wait => %(wait)s::boolean)
 """
 
 
+_BIGINT = (-(2**63), 2**63 - 1)
+_INTEGER = (-(2**31), 2**31 - 1)
+
+
+def _check_range(name: str, value: object, bounds: tuple[int, int], sql_type: str) -> None:
+    """Out-of-range ints fail here, named; sent, they would fail the call's lookup or cast."""
+    if isinstance(value, int) and not bounds[0] <= value <= bounds[1]:
+        raise InvalidArgument(f"flakectl: argument {name} must fit in {sql_type}, got {value}",
+                              sqlstate="22003")
+
+
 def _call(conn: psycopg.Connection, query: str, params: dict) -> Summary:
+    _check_range("repo_id", params["repo_id"], _BIGINT, "bigint")
+    _check_range("expire_after", params["expire_after"], _INTEGER, "integer")
+    for upload_id in params.get("upload_ids") or ():
+        _check_range("upload_ids", upload_id, _BIGINT, "bigint")
     with wrap_exceptions(), conn.transaction(), conn.cursor(row_factory=class_row(Summary)) as cur:
         cur.execute(query, params)
         row = cur.fetchone()

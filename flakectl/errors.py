@@ -10,7 +10,6 @@ import contextlib
 from collections.abc import Iterator
 
 import psycopg
-from psycopg import errors as pg_errors
 
 
 class FlakectlError(Exception):
@@ -52,6 +51,12 @@ class WrongIsolationLevel(FlakectlError):
     sqlstate = "0A000"
 
 
+class ConcurrentConflict(FlakectlError):
+    """A concurrent call for another repository processed an upload of this call: retry, the upload is then skipped."""
+
+    sqlstate = "40001"
+
+
 class NotInstalled(FlakectlError):
     """flakectl is not installed in this database: run `flakectl db upgrade` (or `alembic upgrade head`)"""
 
@@ -68,7 +73,7 @@ class ConnectionFailed(FlakectlError):
 
 _BY_SQLSTATE: dict[str, type[FlakectlError]] = {
     cls.sqlstate: cls
-    for cls in (NullArgument, InvalidArgument, LockNotAvailable, WrongIsolationLevel)
+    for cls in (NullArgument, InvalidArgument, LockNotAvailable, WrongIsolationLevel, ConcurrentConflict)
 }
 
 # undefined_function, undefined_table, invalid_schema_name
@@ -100,6 +105,7 @@ def wrap_exceptions() -> Iterator[None]:
 
 __all__ = [
     "BadInput",
+    "ConcurrentConflict",
     "ConnectionFailed",
     "FlakectlError",
     "InvalidArgument",
@@ -109,5 +115,4 @@ __all__ = [
     "WrongIsolationLevel",
     "from_psycopg",
     "wrap_exceptions",
-    "pg_errors",
 ]

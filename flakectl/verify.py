@@ -9,7 +9,7 @@ flakes that existed before by id, flakes the call created as a multiset
 (their ids come from a sequence), run outcomes as a multiset (the runs table
 has no key), and the summary row. Then ROLLBACK.
 
-The repository lock is taken first, with the key guard v0001 uses, so a
+The repository lock is taken first, with the key guard uses (v0001 and v0002 alike), so a
 worker committing for the same repository between the snapshot and the
 function's own lock cannot make the two disagree (advisory locks stack: the
 function takes it again without waiting).
@@ -28,7 +28,7 @@ from flakectl.errors import FlakectlError, NotInstalled, wrap_exceptions
 from flakectl.model import Flake, Snapshot, Summary
 from flakectl.snapshot import read_flakes, read_snapshot, run_outcomes
 
-#: guard v0001's advisory lock namespace (its first key).
+#: guard's advisory lock namespace (its first key; the same in v0001 and v0002).
 LOCK_NAMESPACE = 1718381411
 _FLAKE_FIELDS = [f.name for f in fields(Flake) if f.name not in ("id", "repoid", "test_id")]
 

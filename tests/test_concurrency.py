@@ -21,11 +21,12 @@ import pytest
 
 import flakectl
 from flakectl import reference
-from flakectl.model import Commit, CommitReport, Flake, Snapshot, TestRun, Upload
+from flakectl.model import Commit, CommitReport, Flake, Snapshot, Summary, TestRun, Upload
 
 from builders import Repo, at
 from dbdata import assert_state, insert
-from sessions import InThread, connect, holds_repo_lock, join_all, wait_for_advisory_lock, whole_snapshot
+from sessions import (InThread, connect, holds_repo_lock, join_all, wait_for_advisory_lock, wait_until,
+                      whole_snapshot)
 
 R, S = 1, 2
 EXPIRE = 3  # small, so the order of two calls decides which pass expires a flake
@@ -119,6 +120,38 @@ def test_different_repositories_never_wait(db_url, monitor):
         after, summaries = sequentially(before, (S, "sha1"), (S, "sha2"), (R, "sha1"), (R, "sha2"))
         assert got_s == summaries[:2]
         assert_state(a, after, {f.id for f in before.flakes})
+
+
+def test_an_upload_taken_meanwhile_by_another_repo_fails_the_call_and_its_retry_skips(db_url, monitor):
+    """process_uploads trusts its list, so two repositories' calls can name one
+    upload. The ledger is read under each repository's own lock: the later
+    call waits on the earlier's ledger row, then fails whole (40001) instead
+    of counting an upload that, run in turn, it would have skipped."""
+    with connect(db_url, "A") as a:
+        r, s = Repo(a, R), Repo(a, S)
+        upload = r.upload("sha1", upload_id=777)
+        r.runs(upload, ("a", "failure", at(1)))
+        s.runs(upload, ("b", "failure", at(1)), repo_id=S)
+        a.commit()
+        a.execute("select 1")
+        got_a = flakectl.process_uploads(a, R, [777])
+        assert got_a == Summary(1, 0, 1, 1, 0, 0, 1)
+
+        b = InThread(db_url, "B", lambda conn: flakectl.process_uploads(conn, S, [777]))
+        wait_until(monitor, "B", "Lock", "transactionid")  # on A's ledger row
+        a.commit()
+        with pytest.raises(flakectl.ConcurrentConflict) as info:
+            b.join()
+        assert info.value.sqlstate == "40001"
+        assert str(info.value) == ("flakectl: a concurrent call for another repository processed an upload"
+                                   " of this call (Key (upload_id)=(777) already exists.)")
+
+        # B left nothing; its retry is what running after A gives
+        both = [("a", "flaky_fail"), ("b", "failure")]  # the upload's runs: R's, then S's
+        assert s.flakes() == [] and s.outcomes(upload) == both
+        assert flakectl.process_uploads(a, S, [777]) == Summary(0, 1, 0, 0, 0, 0, 0)
+        assert s.flakes() == [] and s.outcomes(upload) == both
+        assert a.execute("select upload_id, repo_id from flakectl.processed_upload").fetchall() == [(777, R)]
 
 
 def uploads_of(snapshot: Snapshot, sha: str) -> list[int]:

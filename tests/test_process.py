@@ -332,3 +332,34 @@ def test_snapshot_isolation_is_refused(repo, level):
     assert level.upper() in str(info.value)
     repo.conn.rollback()
     assert repo.flakes() == []
+
+
+def test_read_uncommitted_runs_as_read_committed(repo):
+    # PostgreSQL gives READ UNCOMMITTED a snapshot per statement, like READ COMMITTED
+    up = repo.upload("sha1")
+    repo.runs(up, ("a", "failure", at(1)))
+    repo.conn.commit()
+    repo.conn.execute("set transaction isolation level read uncommitted")
+    assert flakectl.process_commit(repo.conn, 1, "sha1") == Summary(1, 0, 1, 1, 0, 0, 1)
+    repo.conn.commit()
+    assert repo.outcomes(up) == [("a", "flaky_fail")]
+
+
+@pytest.mark.parametrize("call, name, value", [
+    (lambda c: flakectl.process_commit(c, 1, "sha1", expire_after=2**31), "expire_after", 2**31),
+    (lambda c: flakectl.process_commit(c, 1, "sha1", expire_after=-(2**31) - 1), "expire_after", -(2**31) - 1),
+    (lambda c: flakectl.process_commit(c, 2**63, "sha1"), "repo_id", 2**63),
+    (lambda c: flakectl.process_uploads(c, 2**63, [1]), "repo_id", 2**63),
+    (lambda c: flakectl.process_uploads(c, 1, [1, -(2**63) - 1]), "upload_ids", -(2**63) - 1),
+])
+def test_wrapper_names_ints_beyond_the_sql_types(repo, call, name, value):
+    # sent as is, such an int becomes numeric and the call finds no function
+    up = repo.upload("sha1")
+    repo.runs(up, ("a", "failure", at(1)))
+    repo.conn.commit()
+    with pytest.raises(flakectl.InvalidArgument) as info:
+        call(repo.conn)
+    assert info.value.sqlstate == "22003"
+    sql_type = "integer" if name == "expire_after" else "bigint"
+    assert str(info.value) == f"flakectl: argument {name} must fit in {sql_type}, got {value}"
+    assert repo.flakes() == [] and repo.outcomes(up) == [("a", "failure")]

@@ -1,4 +1,5 @@
-"""process_upload_set v0002: runs read test by test, the state machine streams.
+"""process_upload_set v0002: runs read test by test, the state machine streams;
+guard v0002: READ UNCOMMITTED is accepted.
 
 Revision ID: 0004
 Revises: 0003
@@ -9,9 +10,16 @@ the planner chose (a sequential scan of the whole table once ~20% of a
 commit's tests failed), then sorted every run it read, spilling to disk from
 ~100k runs. v0002 reads each test's runs by one descent of (repo_id, test_id,
 timestamp), in the order of the numbered test list, so the per-test order
-needs only small in-memory sorts and the windows and aggregates stream; it
-also plans as the PL/pgSQL call runs, without parallel workers. Same
-results; the downgrade re-installs v0001.
+needs only small in-memory sorts, and one window pass (v0001: two) and
+the aggregates stream, sort-based; it also plans as the PL/pgSQL call runs,
+without parallel workers. Same results, except that an upload recorded in
+the ledger meanwhile by a call for another repository now fails the call
+with 40001 (v0001 skipped it silently after processing it).
+
+guard v0002 refuses only REPEATABLE READ and SERIALIZABLE; v0001 also
+refused READ UNCOMMITTED, which PostgreSQL runs as READ COMMITTED.
+
+The downgrade re-installs both v0001 bodies.
 """
 
 from alembic import op
@@ -25,10 +33,12 @@ depends_on = None
 
 
 def upgrade() -> None:
+    install(op, "guard", 2)
     install(op, "process_upload_set", 2)
 
 
 def downgrade() -> None:
-    # v0002 sets a parameter v0001 does not: create or replace keeps a
-    # function's SET clauses only as the new definition states them
+    # create or replace takes the new definition's SET clauses, so v0001
+    # comes back without v0002's max_parallel_workers_per_gather
     install(op, "process_upload_set", 1)
+    install(op, "guard", 1)

@@ -57,6 +57,7 @@ declare
   v_lim0 integer[];
   v_changes flakectl.flake_change[];
   v_result flakectl.summary;
+  v_detail text;
 begin
   select coalesce(array_agg(c.id order by c.id) filter (where l.upload_id is null), '{}'),
          count(l.upload_id)
@@ -202,10 +203,20 @@ begin
      and r.repo_id = p_repo_id
      and r.timestamp >= v_cutoff;
 
-  insert into flakectl.processed_upload (upload_id, repo_id, commit_sha)
-  select u, p_repo_id, p_commit_sha
-    from unnest(v_uploads) as u
-  on conflict (upload_id) do nothing;
+  -- v_uploads holds no ledger row as of this call's lock, so a conflict means a
+  -- call for another repository, given one of these upload ids, committed it
+  -- meanwhile: skipping it now would not equal running the calls in turn
+  begin
+    insert into flakectl.processed_upload (upload_id, repo_id, commit_sha)
+    select u, p_repo_id, p_commit_sha
+      from unnest(v_uploads) as u;
+  exception when unique_violation then
+    get stacked diagnostics v_detail = pg_exception_detail;
+    raise exception using errcode = '40001',
+      message = format('flakectl: a concurrent call for another repository processed an upload of this call (%s)',
+                       v_detail),
+      hint = 'Retry the call: it then reports that upload as skipped.';
+  end;
 
   return v_result;
 end;
