@@ -82,6 +82,11 @@ declare
   v_commit_sha text := process_commit.commit_sha;
   v_candidates bigint[];
 begin
+  -- NULL checks in parameter order, so that with several NULLs the first is named
+  -- (v0001 named commit_sha before repo_id)
+  if process_commit.repo_id is null then
+    raise exception using errcode = '22004', message = 'flakectl: argument repo_id must not be NULL';
+  end if;
   if v_commit_sha is null then
     raise exception using errcode = '22004', message = 'flakectl: argument commit_sha must not be NULL';
   end if;
@@ -291,6 +296,11 @@ CREATE FUNCTION flakectl.process_uploads(repo_id bigint, upload_ids bigint[], lo
 declare
   v_candidates bigint[];
 begin
+  -- NULL checks in parameter order, so that with several NULLs the first is named
+  -- (v0001 named upload_ids before repo_id)
+  if process_uploads.repo_id is null then
+    raise exception using errcode = '22004', message = 'flakectl: argument repo_id must not be NULL';
+  end if;
   if process_uploads.upload_ids is null then
     raise exception using errcode = '22004', message = 'flakectl: argument upload_ids must not be NULL';
   end if;

@@ -556,7 +556,7 @@ def test_status(cli, db_url, repo):
     assert code == 0
     assert out.splitlines() == [
         f"revision   {HEAD} (head)",
-        "functions  guard v0002, process_commit v0001, process_upload_set v0002, process_uploads v0001,"
+        "functions  guard v0002, process_commit v0002, process_upload_set v0002, process_uploads v0002,"
         " prune_ledger v0001",
         "ledger     0 uploads",
         "",

@@ -296,6 +296,26 @@ def test_null_argument_is_22004(conn, name):
     assert name in info.value.diag.message_primary
 
 
+UPLOADS_CALL = "select * from flakectl.process_uploads(repo_id => %s, upload_ids => %s::bigint[]," \
+               " lookback => %s, expire_after => %s, dry_run => %s, wait => %s)"
+
+
+@pytest.mark.parametrize("entry, call, second", [
+    ("commit", CALL, "sha1"), ("uploads", UPLOADS_CALL, [1]),
+])
+def test_several_nulls_name_the_first_in_parameter_order(conn, entry, call, second):
+    names = list(GOOD)
+    if entry == "uploads":
+        names[1] = "upload_ids"
+    good = [GOOD["repo_id"], second, *list(GOOD.values())[2:]]
+    for first in range(len(names)):
+        args = [None if i >= first else v for i, v in enumerate(good)]
+        with pytest.raises(psycopg.errors.NullValueNotAllowed) as info:
+            conn.execute(call, args)
+        conn.rollback()
+        assert info.value.diag.message_primary == f"flakectl: argument {names[first]} must not be NULL"
+
+
 def test_null_upload_ids_is_22004(conn):
     with pytest.raises(flakectl.NullArgument, match="upload_ids"):
         flakectl.process_uploads(conn, 1, None)

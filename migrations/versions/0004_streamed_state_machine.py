@@ -1,5 +1,6 @@
 """process_upload_set v0002: runs read test by test, the state machine streams;
-guard v0002: READ UNCOMMITTED is accepted.
+guard v0002: READ UNCOMMITTED is accepted; process_commit and process_uploads
+v0002: NULL arguments are checked in parameter order.
 
 Revision ID: 0004
 Revises: 0003
@@ -19,7 +20,11 @@ with 40001 (v0001 skipped it silently after processing it).
 guard v0002 refuses only REPEATABLE READ and SERIALIZABLE; v0001 also
 refused READ UNCOMMITTED, which PostgreSQL runs as READ COMMITTED.
 
-The downgrade re-installs both v0001 bodies.
+process_commit and process_uploads v0002 check repo_id for NULL first, so
+with several NULL arguments the first in parameter order is named, as the
+reference does (v0001 named commit_sha or upload_ids first).
+
+The downgrade re-installs the v0001 bodies.
 """
 
 from alembic import op
@@ -35,10 +40,14 @@ depends_on = None
 def upgrade() -> None:
     install(op, "guard", 2)
     install(op, "process_upload_set", 2)
+    install(op, "process_commit", 2)
+    install(op, "process_uploads", 2)
 
 
 def downgrade() -> None:
     # create or replace takes the new definition's SET clauses, so v0001
     # comes back without v0002's max_parallel_workers_per_gather
+    install(op, "process_uploads", 1)
+    install(op, "process_commit", 1)
     install(op, "process_upload_set", 1)
     install(op, "guard", 1)
