@@ -9,10 +9,10 @@ flakes that existed before by id, flakes the call created as a multiset
 (their ids come from a sequence), run outcomes as a multiset (the runs table
 has no key), and the summary row. Then ROLLBACK.
 
-The repository lock is taken first, with the key guard uses (v0001 and v0002 alike), so a
-worker committing for the same repository between the snapshot and the
-function's own lock cannot make the two disagree (advisory locks stack: the
-function takes it again without waiting).
+The repository lock is taken first, with guard's key (the same in every
+guard version), so a worker committing for the same repository between the
+snapshot and the function's own lock cannot make the two disagree (advisory
+locks stack: the function takes it again without waiting).
 """
 
 from __future__ import annotations

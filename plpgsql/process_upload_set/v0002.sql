@@ -112,7 +112,7 @@ begin
   per_group as (
     -- the k-th pass of a group is the k-th of its passes in run order; a
     -- group of at most a test's runs in the call, so the array stays small
-    select idx, grp, considered, marked, grp > 0 as has_fail, fail_ts,
+    select idx, grp, considered, marked, fail_ts,
            case when limit_k is null then 0 else least(pass_count, limit_k) end as passes,
            pass_ts[limit_k] as expire_ts
       from (
@@ -137,11 +137,11 @@ begin
     select idx, seq,
            sum(considered) as considered,
            sum(marked) as marked,
-           count(*) filter (where has_fail) as fails,
+           count(*) filter (where grp > 0) as fails,  -- a group after 0 opens with its failure
            sum(passes) as passes,
            max(grp) as last_grp,
            (array_agg(passes order by grp desc))[1] as last_passes,
-           (array_agg(fail_ts order by grp) filter (where has_fail))[1] as first_fail,
+           (array_agg(fail_ts order by grp) filter (where grp > 0))[1] as first_fail,
            max(expire_ts) as end_date
       from per_flake
      group by idx, seq
