@@ -27,9 +27,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 
-from flakectl import api, dbadmin, ledger, migrate, reference
-from flakectl.connection import ENV_URL, connect
-from flakectl.durations import EXAMPLES, format_duration, parse_duration
+from flakectl import api, reference
+from flakectl.dba import dbadmin, ledger, migrate
+from flakectl.dba.connection import ENV_URL, connect
+from flakectl.dba.durations import EXAMPLES, format_duration, parse_duration
 from flakectl.errors import (
     FlakectlError,
     InvalidArgument,
@@ -290,7 +291,7 @@ def _process(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from flakectl.verify import verify_commit
+    from flakectl.dba.verify import verify_commit
 
     with connect(args.dsn) as conn:
         result = verify_commit(conn, args.repo, args.commit,
@@ -315,7 +316,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from flakectl.status import read_status
+    from flakectl.dba.status import read_status
 
     with connect(args.dsn) as conn:
         status = read_status(conn, args.repo, args.limit)
@@ -341,7 +342,7 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from flakectl.demo import DemoSize, run_demo
+    from flakectl.lab.demo import DemoSize, run_demo
 
     size = DemoSize(commits=args.commits, uploads=args.uploads, tests=args.tests,
                     flaky_share=args.flaky_share, seed=args.seed)
@@ -349,7 +350,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from flakectl import bench
+    from flakectl.lab import bench
 
     with wrap_exceptions():  # a refused connection: one line, not a traceback
         return bench.run(args, out=sys.stdout, err=sys.stderr)
@@ -511,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "--seed", type=_whole, default=1, metavar="N", help="random seed (same seed, same data)")
     _json_flag(p)
 
-    from flakectl import bench
+    from flakectl.lab import bench
 
     p = _sub(commands, "bench",
              "time the function (A) against the worker's Python path (B) and the read floor (C) on a"

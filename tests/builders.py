@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 import psycopg
 
 from flakectl.model import Flake
-from flakectl.snapshot import read_flakes
+from flakectl.dba.snapshot import read_flakes
 
 _ids = itertools.count(1)
 BASE = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(hours=6)

@@ -11,8 +11,8 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, settings
 
-from flakectl import migrate
-from flakectl.pgserver import ThrowawayServer
+from flakectl.dba import migrate
+from flakectl.lab.pgserver import ThrowawayServer
 
 settings.register_profile(
     "ci",

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import psycopg
 
-from flakectl import snapshot as snap
+from flakectl.dba import snapshot as snap
 from flakectl.model import Flake, Snapshot
 
 

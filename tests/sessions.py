@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 
 from flakectl.model import Snapshot, TestRun
-from flakectl.snapshot import read_snapshot
+from flakectl.dba.snapshot import read_snapshot
 
 from dbdata import all_flakes, all_runs, ledger
 

@@ -10,7 +10,7 @@ import json
 import psycopg
 import pytest
 
-from flakectl import bench, benchdata
+from flakectl.lab import bench, benchdata
 
 TINY = ["--uploads", "3", "--tests", "200", "--other-rows", "2000", "--repeat", "1"]
 

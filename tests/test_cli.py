@@ -12,9 +12,10 @@ import psycopg
 import pytest
 
 import flakectl
-from flakectl import migrate, sqlfiles
+from flakectl import sqlfiles
+from flakectl.dba import migrate
 from flakectl.cli import build_parser, main
-from flakectl.durations import format_duration, parse_duration
+from flakectl.dba.durations import format_duration, parse_duration
 
 from builders import Repo, at
 

@@ -9,9 +9,9 @@ import os
 import psycopg
 import pytest
 
-from flakectl import demo
+from flakectl.lab import demo
 from flakectl.cli import main
-from flakectl.demo import DemoSize, Truth
+from flakectl.lab.demo import DemoSize, Truth
 
 SMALL = ["--commits", "4", "--uploads", "3", "--tests", "200"]
 

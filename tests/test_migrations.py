@@ -25,8 +25,8 @@ import pytest
 import sqlalchemy.exc
 from alembic.script import ScriptDirectory
 
-from flakectl import migrate
-from flakectl.pgserver import ThrowawayServer
+from flakectl.dba import migrate
+from flakectl.lab.pgserver import ThrowawayServer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PLPGSQL = ROOT / "plpgsql"
@@ -481,7 +481,7 @@ def test_alembic_command_in_checkout_upgrades_and_downgrades(empty_db_url):
     assert not set(CODECOV_TABLES) & relations(empty_db_url, "public")
 
 
-# --- offline SQL (`alembic upgrade head --sql`, flakectl.migrate.sql) -------------
+# --- offline SQL (`alembic upgrade head --sql`, flakectl.dba.migrate.sql) -------------
 
 
 def apply_offline_sql(url: str) -> str:

@@ -11,8 +11,8 @@ import psycopg
 import pytest
 
 from flakectl import api, reference
-from flakectl.plans import nested_plans
-from flakectl.snapshot import read_snapshot, run_outcomes
+from flakectl.lab.plans import nested_plans
+from flakectl.dba.snapshot import read_snapshot, run_outcomes
 
 from builders import Repo
 from dbdata import all_flakes, all_runs, flake_state, ledger

@@ -9,9 +9,9 @@ import pwd
 import psycopg
 import pytest
 
-from flakectl import pgserver
+from flakectl.lab import pgserver
 from flakectl.errors import FlakectlError
-from flakectl.pgserver import ServerBinariesNotFound, ThrowawayServer, find_server_binaries
+from flakectl.lab.pgserver import ServerBinariesNotFound, ThrowawayServer, find_server_binaries
 
 
 @pytest.fixture(scope="module")

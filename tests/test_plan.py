@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import psycopg
 
-from flakectl import benchdata
-from flakectl.benchdata import COMMIT_SHA, REPO_ID, Workload
-from flakectl.plans import nested_plans, relation_rows
+from flakectl.lab import benchdata
+from flakectl.lab.benchdata import COMMIT_SHA, REPO_ID, Workload
+from flakectl.lab.plans import nested_plans, relation_rows
 
 # 20 uploads x 10,000 tests, 100 of them flaky (1%), 200 open flakes, and
 # 200,000 runs of other commits and repositories in the same table

@@ -5,7 +5,8 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from flakectl import migrate, sqlfiles
+from flakectl import sqlfiles
+from flakectl.dba import migrate
 
 
 def ledger(conn: psycopg.Connection) -> list[int]:

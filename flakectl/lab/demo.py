@@ -1,6 +1,6 @@
 """`flakectl demo`: flakectl's main job, on a throwaway PostgreSQL.
 
-Starts a private server (flakectl.pgserver), migrates it, and generates a
+Starts a private server (flakectl.lab.pgserver), migrates it, and generates a
 repository history whose truth it knows: N merged commits x M uploads x T
 tests, a share of the tests genuinely flaky (each failing with its own
 probability between 2% and 30%), one broken commit in which one healthy test
@@ -26,9 +26,10 @@ from typing import TextIO
 
 import psycopg
 
-from flakectl import api, migrate
-from flakectl.pgserver import ThrowawayServer
-from flakectl.verify import Verification, verify_commit
+from flakectl import api
+from flakectl.dba import migrate
+from flakectl.lab.pgserver import ThrowawayServer
+from flakectl.dba.verify import Verification, verify_commit
 
 REPO_ID = 1
 MIN_P, MAX_P = 0.02, 0.30

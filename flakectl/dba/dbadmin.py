@@ -1,8 +1,8 @@
 """`flakectl db ...`: Alembic on the command's own connection.
 
-flakectl.migrate takes a URL; the command also accepts key=value DSNs and
+flakectl.dba.migrate takes a URL; the command also accepts key=value DSNs and
 libpq's PG* variables, so here Alembic gets a SQLAlchemy connection wrapped
-around the psycopg connection flakectl.connection made (Alembic's cookbook
+around the psycopg connection flakectl.dba.connection made (Alembic's cookbook
 "sharing a connection", which migrations/env.py supports through
 `config.attributes["connection"]`).
 """
@@ -20,8 +20,8 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import pool
 
-from flakectl import migrate
-from flakectl.connection import connect
+from flakectl.dba import migrate
+from flakectl.dba.connection import connect
 from flakectl.errors import FlakectlError, from_psycopg
 
 

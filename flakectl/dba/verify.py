@@ -26,7 +26,7 @@ import psycopg
 from flakectl import api, reference
 from flakectl.errors import FlakectlError, NotInstalled, wrap_exceptions
 from flakectl.model import Flake, Snapshot, Summary
-from flakectl.snapshot import read_flakes, read_snapshot, run_outcomes
+from flakectl.dba.snapshot import read_flakes, read_snapshot, run_outcomes
 
 #: guard's advisory lock namespace (its first key; the same in v0001 and v0002).
 LOCK_NAMESPACE = 1718381411

@@ -1,15 +1,15 @@
 """`flakectl bench`: the function (A) against the worker's Python path (B) and
 the read floor (C), on one large generated commit.
 
-    python -m flakectl.bench --shape realistic --uploads 50 --tests 20000
-    python -m flakectl.bench --sizes
+    python -m flakectl.lab.bench --shape realistic --uploads 50 --tests 20000
+    python -m flakectl.lab.bench --sizes
 
 By default on a throwaway server tuned for a benchmark; with `--dsn` in a
 scratch schema of the user's database (flakectl must be installed there; see
-flakectl.benchdata). Each call runs in its own transaction, rolled back:
+flakectl.lab.benchdata). Each call runs in its own transaction, rolled back:
 
 * A: `select * from flakectl.process_commit(repo, sha)`;
-* B: flakectl.workerpath, the worker's path as upstream has it;
+* B: flakectl.lab.workerpath, the worker's path as upstream has it;
 * C: one `select count(*)` over exactly the rows A must read: the uploads'
   failure-class runs in the window, plus their passes of the tests that fail
   or hold an open flake (its count should equal A's testruns_considered).
@@ -44,10 +44,11 @@ from typing import TextIO
 
 import psycopg
 
-from flakectl import benchdata, migrate, workerpath
-from flakectl.benchdata import COMMIT_SHA, REPO_ID, SCHEMA, Workload
-from flakectl.plans import nested_plans
-from flakectl.pgserver import ThrowawayServer
+from flakectl.dba import migrate
+from flakectl.lab import benchdata, workerpath
+from flakectl.lab.benchdata import COMMIT_SHA, REPO_ID, SCHEMA, Workload
+from flakectl.lab.plans import nested_plans
+from flakectl.lab.pgserver import ThrowawayServer
 
 #: A benchmark server: room in shared_buffers for the commit, no durability.
 SERVER_SETTINGS = {
@@ -541,7 +542,7 @@ def run(args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flakectl.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m flakectl.lab.bench", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

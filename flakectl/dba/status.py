@@ -15,7 +15,8 @@ from datetime import datetime
 import psycopg
 from psycopg.rows import class_row
 
-from flakectl import migrate, sqlfiles
+from flakectl import sqlfiles
+from flakectl.dba import migrate
 from flakectl.errors import NotInstalled, wrap_exceptions
 
 

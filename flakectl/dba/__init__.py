@@ -1,0 +1,1 @@
+"""The DBA tools behind `flakectl`: install and upgrade, status, verify, prune."""

@@ -1,0 +1,1 @@
+"""The lab: throwaway servers, the demo and the benchmark."""
