@@ -67,6 +67,10 @@ class NotInstalled(FlakectlError):
         return cls(f"{finding}: {reason.strip().rstrip('.')}; {remedy}")
 
 
+class DataWouldBeLost(FlakectlError):
+    """A downgrade would drop a table that holds rows; nothing was changed (give drop_data to drop them)."""
+
+
 class ConnectionFailed(FlakectlError):
     """Could not connect to PostgreSQL."""
 
@@ -107,6 +111,7 @@ __all__ = [
     "BadInput",
     "ConcurrentConflict",
     "ConnectionFailed",
+    "DataWouldBeLost",
     "FlakectlError",
     "InvalidArgument",
     "LockNotAvailable",

@@ -14,6 +14,9 @@ from alembic import context
 from alembic.util import CommandError
 from sqlalchemy import create_engine, pool
 
+from flakectl.dba.migrate import MIGRATION_LOCK_KEY
+from flakectl.errors import DataWouldBeLost
+
 config = context.config
 
 
@@ -39,6 +42,63 @@ def database_url() -> str:
     return url
 
 
+# -- Before any step: the migration lock, then what a downgrade would drop -------
+#
+# Two `flakectl db upgrade` at once on an empty database both found nothing
+# installed and raced to create the same functions (a raw pg_proc duplicate key
+# error). The transaction-scoped advisory lock below is taken inside the
+# migration transaction before Alembic reads alembic_version (run_migrations
+# reads it afresh; READ COMMITTED gives that read a snapshot taken after the
+# lock), so the second run waits, then finds the first one's revision and has
+# nothing left to do. A single bigint key: its own lock space, apart from the
+# (namespace, repo) pairs the functions lock (flakectl.dba.migrate.MIGRATION_LOCK_KEY).
+
+# flakectl's own tables that a downgrade drops, by the revision that creates
+# them, and what is lost with their rows.
+DATA_TABLES = [
+    ("0002", "flakectl.processed_upload",
+     "the ledger of processed uploads: without it every upload is processed, and counted, "
+     "again (exactly-once is lost)"),
+    ("0006", "flakectl.flake_archive",
+     "the flake rows replay archived: the only copy of the rows it replaced"),
+]
+
+
+def drop_data() -> bool:
+    value = config.attributes.get("drop_data")
+    if value is None:
+        value = context.get_x_argument(as_dictionary=True).get("drop_data", "")
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def before_steps(connection) -> None:  # noqa: ANN001 - a SQLAlchemy Connection
+    connection.exec_driver_sql(f"select pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
+    # The steps the command will run, as run_migrations will compute them from
+    # the version read now (under the lock). Only for a downgrade: the work
+    # function of other commands (`current`) prints as it runs.
+    migration = context.get_context()
+    work = migration._migrations_fn  # noqa: SLF001 - Alembic keeps the command's steps nowhere else
+    if getattr(work, "__name__", None) != "downgrade" or drop_data():
+        return
+    steps = work(migration.get_current_heads(), migration)
+    undone = {step.revision.revision for step in steps
+              if not step.is_upgrade and hasattr(step, "revision")}
+    for revision, table, meaning in DATA_TABLES:
+        if revision not in undone:
+            continue
+        exists = connection.exec_driver_sql(f"select to_regclass('{table}') is not null").scalar()
+        rows = exists and connection.exec_driver_sql(f"select count(*) from {table}").scalar()
+        if rows:
+            raise DataWouldBeLost(
+                f"downgrading below {revision} drops {table}, which holds {rows} row(s): {meaning}."
+                f" Nothing was changed. To keep them, export the table first (psql: \\copy {table}"
+                f" to '{table.split('.')[1]}.csv' csv header) or stay at {revision} or later; to"
+                " drop them anyway: flakectl db downgrade REV --drop-data (alembic: -x drop_data=true)"
+            )
+
+
 def run_offline() -> None:
     # The script is for psql, not a driver: with psycopg's pyformat paramstyle
     # every `%` of a function body would come out doubled (format('%s') as
@@ -59,6 +119,7 @@ def run_online() -> None:
     if connection is not None:
         context.configure(connection=connection, transactional_ddl=True)
         with context.begin_transaction():
+            before_steps(connection)
             context.run_migrations()
         return
     engine = create_engine(database_url(), poolclass=pool.NullPool)
@@ -66,6 +127,7 @@ def run_online() -> None:
         with engine.connect() as conn:
             context.configure(connection=conn, transactional_ddl=True)
             with context.begin_transaction():
+                before_steps(conn)
                 context.run_migrations()
     finally:
         engine.dispose()

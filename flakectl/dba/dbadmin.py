@@ -69,11 +69,16 @@ def _connection(dsn: str | None) -> Iterator[sqlalchemy.Connection]:
         raw.close()
 
 
-def _run(dsn: str | None, action, revision: str) -> tuple[str | None, str | None]:  # noqa: ANN001
+def _run(dsn: str | None, action, revision: str,  # noqa: ANN001
+         drop_data: bool = False) -> tuple[str | None, str | None]:
     with _alembic_errors(), _connection(dsn) as conn:
+        # the revision before, read under the migration lock env.py takes (it
+        # stacks), so a concurrent run's work is not reported as this one's
+        conn.exec_driver_sql(f"select pg_advisory_xact_lock({migrate.MIGRATION_LOCK_KEY})")
         before = MigrationContext.configure(conn).get_current_revision()
         cfg = migrate.config()
         cfg.attributes["connection"] = conn
+        cfg.attributes["drop_data"] = drop_data
         action(cfg, revision)
         after = MigrationContext.configure(conn).get_current_revision()
     return before, after
@@ -84,9 +89,14 @@ def upgrade(dsn: str | None, revision: str = "head") -> tuple[str | None, str | 
     return _run(dsn, command.upgrade, revision)
 
 
-def downgrade(dsn: str | None, revision: str) -> tuple[str | None, str | None]:
-    """Downgrade to `revision` (`base` removes flakectl); the revisions before and after."""
-    return _run(dsn, command.downgrade, revision)
+def downgrade(dsn: str | None, revision: str, *,
+              drop_data: bool = False) -> tuple[str | None, str | None]:
+    """Downgrade to `revision` (`base` removes flakectl); the revisions before and after.
+
+    A downgrade that would drop a table holding rows (the ledger below 0002,
+    the flake archive below 0006, Codecov tables the install created) raises
+    DataWouldBeLost and changes nothing, unless `drop_data`."""
+    return _run(dsn, command.downgrade, revision, drop_data)
 
 
 def current(dsn: str | None) -> str | None:

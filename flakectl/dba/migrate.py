@@ -13,6 +13,10 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool
 
 
+#: the transaction-scoped advisory lock every migration takes first (migrations/env.py)
+MIGRATION_LOCK_KEY = 0x666C616B65637400
+
+
 def sqlalchemy_url(url: str) -> str:
     """A plain libpq URL with SQLAlchemy's psycopg 3 driver named."""
     for prefix in ("postgresql://", "postgres://"):
@@ -35,8 +39,10 @@ def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(config(url), revision)
 
 
-def downgrade(url: str, revision: str) -> None:
-    command.downgrade(config(url), revision)
+def downgrade(url: str, revision: str, *, drop_data: bool = False) -> None:
+    cfg = config(url)
+    cfg.attributes["drop_data"] = drop_data
+    command.downgrade(cfg, revision)
 
 
 def sql(revision: str = "head", start: str | None = None) -> str:

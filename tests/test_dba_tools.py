@@ -1,0 +1,135 @@
+"""DBA tools you can trust (issue 15): downgrades that keep the ledger, one
+migration at a time, guarded offline SQL, a verify that sees everything a
+call can change, infinity timestamps, hostile test names, SIGTERM, and the
+command line's edges. Real PostgreSQL, real sessions; no mocks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from flakectl.dba import dbadmin, migrate
+from flakectl.errors import DataWouldBeLost
+
+from builders import Repo, at
+from sessions import InThread, connect, join_all, wait_until
+
+HEAD = migrate.head()
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ledger_refusal(rows: int) -> str:
+    return (
+        f"downgrading below 0002 drops flakectl.processed_upload, which holds {rows} row(s): the"
+        " ledger of processed uploads: without it every upload is processed, and counted, again"
+        " (exactly-once is lost). Nothing was changed. To keep them, export the table first (psql:"
+        " \\copy flakectl.processed_upload to 'processed_upload.csv' csv header) or stay at 0002 or"
+        " later; to drop them anyway: flakectl db downgrade REV --drop-data (alembic: -x drop_data=true)"
+    )
+
+
+def commit_c1(conn: psycopg.Connection) -> Repo:
+    """Commit c1 of repo 1: 4 uploads; test a fails in each, then passes."""
+    repo = Repo(conn)
+    for n in range(4):
+        up = repo.upload("c1")
+        repo.runs(up, ("a", "failure", at(10 * n)), ("a", "pass", at(10 * n + 1)),
+                  ("b", "pass", at(10 * n)))
+    conn.commit()
+    return repo
+
+
+def flakes_and_ledger(conn: psycopg.Connection) -> tuple[list, list]:
+    conn.commit()
+    flakes = conn.execute("select id, test_id, count, fail_count, recent_passes_count, end_date"
+                          " from test_analytics_flake order by id").fetchall()
+    has_ledger = conn.execute("select to_regclass('flakectl.processed_upload') is not null").fetchone()[0]
+    ledger = conn.execute("select upload_id from flakectl.processed_upload order by 1").fetchall() \
+        if has_ledger else None
+    conn.commit()
+    return flakes, ledger
+
+
+# --- 1. a downgrade below 0002 keeps the ledger unless told ---------------------------
+
+
+def test_downgrade_below_0002_refuses_while_the_ledger_holds_rows(db_url, conn):
+    repo = commit_c1(conn)
+    conn.execute("select * from flakectl.process_commit(1, 'c1')")
+    conn.commit()
+    before = flakes_and_ledger(conn)
+    assert len(before[1]) == 4 and before[0][0][2:4] == (8, 4)
+
+    with pytest.raises(DataWouldBeLost) as info:
+        dbadmin.downgrade(db_url, "0001")
+    assert str(info.value) == ledger_refusal(4)
+    with pytest.raises(DataWouldBeLost):  # Alembic's own path (URL, no shared connection)
+        migrate.downgrade(db_url, "base")
+    assert dbadmin.current(db_url) == HEAD
+    assert flakes_and_ledger(conn) == before
+    # exactly-once held: processing c1 again changes nothing
+    assert conn.execute("select uploads_processed, uploads_skipped from flakectl.process_commit(1, 'c1')"
+                        ).fetchone() == (0, 4)
+    conn.commit()
+    assert flakes_and_ledger(conn) == before
+
+    # a downgrade that keeps the ledger is not refused
+    assert dbadmin.downgrade(db_url, "0002") == (HEAD, "0002")
+    assert flakes_and_ledger(conn) == before
+    # with drop_data, it goes
+    assert dbadmin.downgrade(db_url, "0001", drop_data=True) == ("0002", "0001")
+    assert flakes_and_ledger(conn) == (before[0], None)
+    assert repo.flakes()  # the Codecov tables and their rows stay
+
+
+def test_downgrade_of_an_empty_ledger_is_not_refused(db_url):
+    assert dbadmin.downgrade(db_url, "0001") == (HEAD, "0001")
+
+
+def test_alembic_command_downgrade_refuses_then_drops_with_x_drop_data(db_url, conn):
+    commit_c1(conn)
+    conn.execute("select * from flakectl.process_commit(1, 'c1')")
+    conn.commit()
+    env = {**os.environ, "FLAKECTL_DATABASE_URL": db_url}
+
+    def alembic(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "alembic", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    refused = alembic("downgrade", "0001")
+    assert refused.returncode == 1
+    assert f"flakectl.errors.DataWouldBeLost: {ledger_refusal(4)}" in refused.stderr
+    assert migrate.current(db_url) == HEAD
+    done = alembic("-x", "drop_data=true", "downgrade", "0001")
+    assert done.returncode == 0, done.stderr
+    assert migrate.current(db_url) == "0001"
+
+
+# --- 5. concurrent `db upgrade`: the second waits, then finds nothing to do ----------
+
+
+def test_concurrent_upgrades_serialize_on_the_migration_lock(empty_db_url):
+    dsn = psycopg.conninfo.make_conninfo(empty_db_url)
+    with connect(empty_db_url, "holder", autocommit=True) as holder, \
+            connect(empty_db_url, "monitor", autocommit=True) as monitor:
+        holder.execute("select pg_advisory_lock(%s)", (migrate.MIGRATION_LOCK_KEY,))
+        sessions = []
+        for name in ("upgrade-a", "upgrade-b"):
+            sessions.append(InThread(
+                empty_db_url, name + "-thread",
+                lambda _c, n=name: dbadmin.upgrade(psycopg.conninfo.make_conninfo(dsn, application_name=n)),
+                autocommit=True))
+            pid = wait_until(monitor, name, "Lock", "advisory")
+            assert monitor.execute(
+                "select classid::bigint << 32 | objid::bigint, objsubid from pg_locks"
+                " where pid = %s and locktype = 'advisory' and not granted", (pid,)
+            ).fetchall() == [(migrate.MIGRATION_LOCK_KEY, 1)]
+        holder.execute("select pg_advisory_unlock(%s)", (migrate.MIGRATION_LOCK_KEY,))
+        results = join_all(sessions)
+    assert sorted(results, key=str) == sorted([(None, HEAD), (HEAD, HEAD)], key=str)
+    assert migrate.current(empty_db_url) == HEAD
