@@ -28,6 +28,24 @@ class Summary:
 
 
 @dataclass(frozen=True)
+class ReplaySummary:
+    """The one row `replay` returns (SPEC rule 11)."""
+
+    uploads_replayed: int = 0
+    testruns_considered: int = 0
+    flakes_live: int = 0
+    flakes_replayed: int = 0
+    flakes_identical: int = 0
+    flakes_archived: int = 0
+    flakes_inserted: int = 0
+    testruns_marked: int = 0
+
+    @classmethod
+    def columns(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+@dataclass(frozen=True)
 class Commit:
     id: int
     commitid: str
@@ -89,6 +107,14 @@ class Flake:
 
 
 @dataclass(frozen=True)
+class ArchivedFlake:
+    """One row of flakectl.flake_archive: a flake row as replay removed it."""
+
+    flake: Flake
+    archived_at: datetime
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """Every row a call may read, as of the moment the call takes its lock."""
 
@@ -99,6 +125,7 @@ class Snapshot:
     testruns: tuple[TestRun, ...] = ()
     flakes: tuple[Flake, ...] = ()
     ledger: frozenset[int] = frozenset()
+    archive: tuple[ArchivedFlake, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -113,5 +140,26 @@ class Result:
 
     summary: Summary
     flakes: tuple[Flake, ...] = ()
+    marked: frozenset[int] = frozenset()
+    ledger_added: tuple[int, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """What one `replay` decides (SPEC rule 11).
+
+    `live` is L (the compared live rows, by id) and `replayed` is R (id None),
+    whatever dry_run says: they are the comparison a dry run shows. The
+    writes: `archived` (rows of L without a pair, archived then deleted),
+    `inserted` (rows of R without a pair, flags_id NULL, in insert order),
+    `marked` (keys of the runs turned into flaky_fail) and `ledger_added`;
+    a dry run has none of them.
+    """
+
+    summary: ReplaySummary
+    live: tuple[Flake, ...] = ()
+    replayed: tuple[Flake, ...] = ()
+    archived: tuple[Flake, ...] = ()
+    inserted: tuple[Flake, ...] = ()
     marked: frozenset[int] = frozenset()
     ledger_added: tuple[int, ...] = field(default=())

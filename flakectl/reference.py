@@ -12,7 +12,8 @@ Entry points mirror the SQL ones:
 
     process_commit(snapshot, repo_id, commit_sha, *, lookback, expire_after, dry_run)
     process_uploads(snapshot, repo_id, upload_ids, *, lookback, expire_after, dry_run)
-    apply(snapshot, result)
+    replay(snapshot, repo_id, upload_ids, *, expire_after, dry_run)
+    apply(snapshot, result)            # a Result or a ReplayResult
 
 `wait` is not modelled: a snapshot is already the state as of the lock.
 """
@@ -24,7 +25,16 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from flakectl.errors import InvalidArgument, NullArgument
-from flakectl.model import Flake, Result, Snapshot, Summary, TestRun
+from flakectl.model import (
+    ArchivedFlake,
+    Flake,
+    ReplayResult,
+    ReplaySummary,
+    Result,
+    Snapshot,
+    Summary,
+    TestRun,
+)
 
 __all__ = [
     "DEFAULT_EXPIRE_AFTER",
@@ -37,6 +47,7 @@ __all__ = [
     "outcome_class",
     "process_commit",
     "process_uploads",
+    "replay",
 ]
 
 DEFAULT_LOOKBACK = timedelta(days=1)
@@ -146,35 +157,51 @@ def process_uploads(
     return _process(snapshot, repo_id, wanted, lookback, expire_after, dry_run)
 
 
-def apply(snapshot: Snapshot, result: Result) -> Snapshot:
+def apply(snapshot: Snapshot, result: Result | ReplayResult) -> Snapshot:
     """The snapshot after `result`'s writes, as if the call had committed.
 
     Updated flakes replace the row with their id; new flakes (id None) are
     appended with fresh ids max(existing id) + 1, + 2, ... in result order;
     marked runs get outcome 'flaky_fail'; the ledger gains `ledger_added`.
     `now` is unchanged: advance it with `dataclasses.replace` if a test needs to.
+    A `ReplayResult`: see `_apply_replay`.
     """
+    if isinstance(result, ReplayResult):
+        return _apply_replay(snapshot, result)
     updated = {flake.id: flake for flake in result.flakes if flake.id is not None}
     unknown = set(updated) - {flake.id for flake in snapshot.flakes}
     if unknown:
         raise ValueError(f"result updates flakes not in the snapshot: {sorted(unknown)}")
 
-    flakes = [updated.get(flake.id, flake) for flake in snapshot.flakes]
-    next_id = max((flake.id for flake in snapshot.flakes if flake.id is not None), default=0) + 1
-    for flake in result.flakes:
-        if flake.id is None:
-            flakes.append(replace(flake, id=next_id))
-            next_id += 1
+    kept = [updated.get(flake.id, flake) for flake in snapshot.flakes]
+    inserted = [flake for flake in result.flakes if flake.id is None]
+    return _written(snapshot, kept, inserted, result.marked, result.ledger_added)
 
+
+def _written(
+    snapshot: Snapshot,
+    kept: list[Flake],
+    inserted: Iterable[Flake],
+    marked: frozenset[int],
+    ledger_added: Iterable[int],
+    archived: Iterable[Flake] = (),
+) -> Snapshot:
+    """The snapshot with flakes `kept` plus `inserted` (ids max(every id the
+    table and the archive hold) + 1, + 2, ... in order: a sequence never
+    reuses one), the `marked` runs flaky_fail, the ledger and the archive grown."""
+    used = [f.id for f in snapshot.flakes if f.id is not None] + [a.flake.id for a in snapshot.archive]
+    first = max(used, default=0) + 1
+    flakes = kept + [replace(flake, id=first + n) for n, flake in enumerate(inserted)]
     testruns = tuple(
-        replace(run, outcome=MARKED_OUTCOME) if run.key in result.marked else run
+        replace(run, outcome=MARKED_OUTCOME) if run.key in marked else run
         for run in snapshot.testruns
     )
     return replace(
         snapshot,
         flakes=tuple(flakes),
         testruns=testruns,
-        ledger=snapshot.ledger | frozenset(result.ledger_added),
+        ledger=snapshot.ledger | frozenset(ledger_added),
+        archive=snapshot.archive + tuple(ArchivedFlake(f, snapshot.now) for f in archived),
     )
 
 
@@ -215,7 +242,7 @@ def _process(
     snapshot: Snapshot,
     repo_id: int,
     upload_ids: set[int],
-    lookback: timedelta,
+    lookback: timedelta | None,
     expire_after: int,
     dry_run: bool,
 ) -> Result:
@@ -228,14 +255,14 @@ def _process(
 
     # Rule 2: runs of the processed uploads, in the window, of this repo.
     # Runs whose outcome is neither class are dropped here (rule 3): they are
-    # neither considered nor marked.
-    cutoff = snapshot.now - lookback
+    # neither considered nor marked. lookback None (replay): no window.
+    cutoff = None if lookback is None else snapshot.now - lookback
     runs = [
         run
         for run in snapshot.testruns
         if run.upload_id in processed_set
         and run.repo_id == repo_id
-        and run.timestamp >= cutoff
+        and (cutoff is None or run.timestamp >= cutoff)
         and outcome_class(run.outcome) is not None
     ]
 
@@ -363,3 +390,127 @@ def _process(
         marked=frozenset(marked),
         ledger_added=tuple(processed),
     )
+
+
+# --------------------------------------------------------------------------
+# Rule 11: replay
+# --------------------------------------------------------------------------
+
+_INTEGER = (-(2**31), 2**31 - 1)
+
+
+def _compared(flake: Flake) -> tuple:
+    """What makes a live row and a replayed row identical (rule 11): flags_id
+    and id are not compared; two NULL end_dates are equal (None == None)."""
+    return (flake.test_id, flake.count, flake.fail_count, flake.recent_passes_count,
+            flake.start_date, flake.end_date)
+
+
+def replay(
+    snapshot: Snapshot,
+    repo_id: int,
+    upload_ids: Sequence[int | None],
+    *,
+    expire_after: int = DEFAULT_EXPIRE_AFTER,
+    dry_run: bool = True,
+) -> ReplayResult:
+    """`flakectl.replay`: recompute the repository's flakes from the runs of
+    the given uploads, compare them with the live rows they determine, and
+    (dry_run False) replace the live rows that differ.
+
+    The plain way, step by step as rule 11 reads:
+      R: rules 2-4 and 6 from an empty state (no flake of the repo, empty
+         ledger, no lookback), by the same state machine as process_*;
+      T0: the earliest timestamp of the repo's runs of any outcome in the uploads;
+      L: the repo's rows with start_date >= T0, plus its open rows of a test
+         with a row in R (none when the uploads hold no run of the repo);
+      pairs: identical rows matched one to one. Which of several identical
+         live rows is paired is unspecified by the SPEC; flakectl (the SQL and
+         this reference alike) pairs the lowest ids first.
+    """
+    for name, value in (("repo_id", repo_id), ("upload_ids", upload_ids),
+                        ("expire_after", expire_after), ("dry_run", dry_run)):
+        if value is None:
+            raise NullArgument(f"{name} must not be NULL, got NULL")
+    if not _INTEGER[0] <= repo_id <= _INTEGER[1]:
+        raise InvalidArgument(f"repo_id must fit in integer, got {repo_id}", sqlstate="22003")
+    if expire_after < 1:
+        raise InvalidArgument(f"expire_after must be at least 1, got {expire_after}")
+
+    uploads = sorted({u for u in upload_ids if u is not None})
+    wanted = set(uploads)
+
+    # R: the shared state machine from an empty state: the repo's flakes and
+    # the ledger removed, no lookback. Its result rows are all new (id None).
+    empty = replace(
+        snapshot,
+        flakes=tuple(f for f in snapshot.flakes if f.repoid != repo_id),
+        ledger=frozenset(),
+    )
+    computed = _process(empty, repo_id, wanted, None, expire_after, dry_run=False)
+    replayed = computed.flakes  # sorted by test id, then opening order
+
+    # T0 and L.
+    stamps = [r.timestamp for r in snapshot.testruns
+              if r.upload_id in wanted and r.repo_id == repo_id]
+    if stamps:
+        t0 = min(stamps)
+        replayed_tests = {f.test_id for f in replayed}
+        live = tuple(
+            f for f in snapshot.flakes
+            if f.repoid == repo_id
+            and (f.start_date >= t0 or (f.end_date is None and f.test_id in replayed_tests))
+        )
+    else:
+        live = ()
+    live = tuple(sorted(live, key=lambda f: f.id))
+
+    # Pairing, one to one: each replayed row takes the lowest-id identical
+    # live row still free.
+    free: dict[tuple, list[Flake]] = {}
+    for f in live:
+        free.setdefault(_compared(f), []).append(f)
+    inserted = []
+    for f in replayed:
+        candidates = free.get(_compared(f))
+        if candidates:
+            candidates.pop(0)
+        else:
+            inserted.append(f)
+    archived = tuple(sorted((f for rows in free.values() for f in rows), key=lambda f: f.id))
+    identical = len(replayed) - len(inserted)
+
+    summary = ReplaySummary(
+        uploads_replayed=len(uploads),
+        testruns_considered=computed.summary.testruns_considered,
+        flakes_live=len(live),
+        flakes_replayed=len(replayed),
+        flakes_identical=identical,
+        flakes_archived=len(archived),
+        flakes_inserted=len(inserted),
+        testruns_marked=computed.summary.testruns_marked,
+    )
+    if dry_run:
+        return ReplayResult(summary=summary, live=live, replayed=replayed)
+    return ReplayResult(
+        summary=summary,
+        live=live,
+        replayed=replayed,
+        archived=archived,
+        # insert order: by test id, then start date (the order R is in)
+        inserted=tuple(inserted),
+        marked=computed.marked,
+        ledger_added=tuple(u for u in uploads if u not in snapshot.ledger),
+    )
+
+
+def _apply_replay(snapshot: Snapshot, result: ReplayResult) -> Snapshot:
+    """A replay's writes: archived rows move to the archive (archived_at =
+    snapshot.now) and leave the flakes; inserted rows get new ids in result
+    order; marked runs become flaky_fail; the ledger gains ledger_added."""
+    gone = {f.id for f in result.archived}
+    unknown = gone - {f.id for f in snapshot.flakes}
+    if unknown:
+        raise ValueError(f"replay archives flakes not in the snapshot: {sorted(unknown)}")
+    kept = [f for f in snapshot.flakes if f.id not in gone]
+    return _written(snapshot, kept, result.inserted, result.marked, result.ledger_added, result.archived)
