@@ -111,7 +111,42 @@ def run_offline() -> None:
         transactional_ddl=True,
     )
     with context.begin_transaction():
+        context.execute(offline_start_check())
         context.run_migrations()
+
+
+def offline_start_check() -> str:
+    """The offline script's first statements, run by psql inside its
+    transaction: the migration lock, then a refusal (so `psql -v
+    ON_ERROR_STOP=1` stops with nothing changed) when the database is not at
+    the revision the script starts from, or, for a script that installs from
+    nothing, when flakectl is already installed."""
+    try:
+        start = context.get_starting_revision_argument()
+    except CommandError:
+        start = None
+    if isinstance(start, tuple):
+        start = start[0] if start else None
+    expected = f"'{start}'" if start else "null"
+    told = f"upgrades from {start}" if start else "installs flakectl from nothing"
+    remedy = ("print the script for the database's revision: flakectl db sql REV --from <the revision"
+              " `flakectl db current` shows>")
+    return f"""select pg_advisory_xact_lock({MIGRATION_LOCK_KEY});
+do $flakectl$
+declare
+  v_at text;
+begin
+  if to_regclass('alembic_version') is not null then
+    select string_agg(version_num, ', ') into v_at from alembic_version;
+  end if;
+  if v_at is distinct from {expected} then
+    raise exception using errcode = '55000',
+      message = format('flakectl: this script {told}, but the database is at %s;'
+                       ' nothing was changed', coalesce(v_at, 'nothing (flakectl not installed)')),
+      hint = '{remedy.replace("'", "''")}';
+  end if;
+end
+$flakectl$"""
 
 
 def run_online() -> None:

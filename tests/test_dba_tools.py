@@ -133,3 +133,58 @@ def test_concurrent_upgrades_serialize_on_the_migration_lock(empty_db_url):
         results = join_all(sessions)
     assert sorted(results, key=str) == sorted([(None, HEAD), (HEAD, HEAD)], key=str)
     assert migrate.current(empty_db_url) == HEAD
+
+
+# --- 3. offline SQL checks where it starts -------------------------------------------
+
+
+def psql(server, url: str, script: str) -> subprocess.CompletedProcess:
+    import shutil
+
+    exe = server.bin_dir / "psql"
+    exe = str(exe) if exe.exists() else shutil.which("psql")
+    assert exe, "psql not found"
+    return subprocess.run([exe, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url], input=script,
+                          text=True, capture_output=True, timeout=60)
+
+
+def installed(url: str) -> tuple[str | None, dict[str, str]]:
+    with psycopg.connect(url) as c:
+        version = c.execute("select version_num from alembic_version").fetchone() \
+            if c.execute("select to_regclass('alembic_version')").fetchone()[0] else None
+        return version and version[0], dict(c.execute(
+            "select p.proname, pg_get_functiondef(p.oid) from pg_proc p"
+            " join pg_namespace n on n.oid = p.pronamespace where n.nspname = 'flakectl'"))
+
+
+def test_offline_script_refuses_a_database_at_another_revision(server, empty_db_url):
+    migrate.upgrade(empty_db_url, "0002")
+    before = installed(empty_db_url)
+    result = psql(server, empty_db_url, dbadmin.offline_sql("head", "0003"))
+    assert result.returncode == 3, result
+    assert ("ERROR:  flakectl: this script upgrades from 0003, but the database is at 0002;"
+            " nothing was changed\nHINT:  print the script for the database's revision: flakectl db sql"
+            " REV --from <the revision `flakectl db current` shows>") in result.stderr
+    assert installed(empty_db_url) == before and "prune_ledger" not in before[1]
+    # the script for where it is applies
+    assert psql(server, empty_db_url, dbadmin.offline_sql("head", "0002")).returncode == 0
+    assert installed(empty_db_url)[0] == HEAD
+
+
+def test_offline_install_script_refuses_an_installed_database(server, db_url, empty_db_url):
+    before = installed(db_url)
+    result = psql(server, db_url, dbadmin.offline_sql("head"))
+    assert result.returncode == 3
+    assert (f"ERROR:  flakectl: this script installs flakectl from nothing, but the database is at {HEAD};"
+            " nothing was changed") in result.stderr
+    assert installed(db_url) == before
+    assert psql(server, empty_db_url, dbadmin.offline_sql("0002")).returncode == 0
+    assert installed(empty_db_url)[0] == "0002"
+
+
+@pytest.mark.parametrize("revision, start", [("0002", "0004"), ("base", "0002"), ("0001", "head")])
+def test_offline_sql_refuses_a_downgrade(revision, start):
+    with pytest.raises(dbadmin.NotAnUpgrade) as info:
+        dbadmin.offline_sql(revision, start)
+    assert str(info.value) == (f"{revision} lies below --from {start}: `db sql` prints upgrades only;"
+                               f" to downgrade, run `flakectl db downgrade {revision}` against the database")

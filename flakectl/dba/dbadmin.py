@@ -33,6 +33,10 @@ class UnknownRevision(FlakectlError):
     """No such revision."""
 
 
+class NotAnUpgrade(FlakectlError):
+    """`db sql` was asked for a downgrade (the CLI exits 2)."""
+
+
 def revisions() -> list[str]:
     """Every revision id, oldest first."""
     script = ScriptDirectory.from_config(migrate.config())
@@ -108,4 +112,7 @@ def current(dsn: str | None) -> str | None:
 def offline_sql(revision: str = "head", start: str | None = None) -> str:
     """The SQL `upgrade` would run, for applying by hand (`psql -f`)."""
     with _alembic_errors():
-        return migrate.sql(revision, start)
+        try:
+            return migrate.sql(revision, start)
+        except migrate.NotAnUpgrade as exc:
+            raise NotAnUpgrade(str(exc)) from exc

@@ -45,8 +45,26 @@ def downgrade(url: str, revision: str, *, drop_data: bool = False) -> None:
     command.downgrade(cfg, revision)
 
 
+class NotAnUpgrade(ValueError):
+    """`sql` prints upgrades only: the target lies below the start."""
+
+
 def sql(revision: str = "head", start: str | None = None) -> str:
-    """The SQL an upgrade to `revision` would run (Alembic's offline mode)."""
+    """The SQL an upgrade to `revision` would run (Alembic's offline mode).
+
+    The script refuses to run (psql with ON_ERROR_STOP stops at its first
+    statement, nothing changed) on a database that is not at `start` (without
+    `start`: one where flakectl is installed). NotAnUpgrade when `revision`
+    lies below `start`."""
+    if start is not None:
+        script = ScriptDirectory.from_config(config())
+        target, origin = script.get_revision(revision), script.get_revision(start)
+        if origin is not None and (target is None or target.revision != origin.revision) and (
+                target is None or origin.revision not in
+                {r.revision for r in script.iterate_revisions(target.revision, "base")}):
+            raise NotAnUpgrade(
+                f"{revision} lies below --from {start}: `db sql` prints upgrades only; to downgrade,"
+                f" run `flakectl db downgrade {revision}` against the database")
     out = io.StringIO()
     target = f"{start}:{revision}" if start else revision
     command.upgrade(config(output_buffer=out), target, sql=True)
