@@ -34,7 +34,8 @@ def test_paths_agree_json(db_url, shape):
     assert result["workload"]["shape"] == shape
     assert result["runs_in_commit"] >= 3 * 200
     paths = result["paths"]
-    assert set(paths) == {"A", "B", "C"}
+    assert set(paths) == {"A", "B", "C", "W"}
+    assert data["protocol"] == bench.PROTOCOL
     for stats in paths.values():
         assert {"median_s", "min_s", "max_s", "rows", "buffers", "buffers_read", "peak_kb",
                 "seconds_per_call"} <= set(stats)
@@ -44,18 +45,22 @@ def test_paths_agree_json(db_url, shape):
     assert len(paths["A"]["seconds_per_call"]) >= bench.MIN_FUNCTION_CALLS
     # the floor counts exactly the rows the function considers; B fetches them all
     assert paths["C"]["rows"] == paths["A"]["rows"] == result["summary"]["testruns_considered"]
+    assert paths["W"]["rows"] == paths["C"]["rows"]
+    # the write floor marks exactly the runs the function marks
+    assert paths["W"]["marked"] == result["summary"]["testruns_marked"]
     assert paths["B"]["rows"] >= result["runs_in_commit"] - result["runs_in_commit"] // 97 - 3
     assert result["summary"]["uploads_processed"] == 3
-    assert result["b_over_a"] > 0 and result["a_over_c"] > 0
+    assert result["b_over_a"] > 0 and result["a_over_c"] > 0 and result["a_over_w"] > 0
 
 
 def test_text_output_and_scratch_schema_dropped(db_url):
     code, out, err = run_bench("--dsn", db_url, *TINY, "--explain")
     assert code == 0, err
     assert "| path | median | min | max | rows | buffers | not in shared buffers | peak backend memory |" in out
-    for path in ("A function", "B worker path", "C read floor"):
+    for path in ("A function", "B worker path", "C read floor", "W write floor"):
         assert f"| {path} |" in out
-    assert "B/A = " in out and "A/C = " in out
+    assert "B/A = " in out and "A/C = " in out and "A/W = " in out
+    assert bench.PROTOCOL + "." in out
     assert "A and B agree" in out
     assert "Update on ta_timeseries_testrun" in out  # --explain: the function's statements
     with psycopg.connect(db_url) as conn:
@@ -71,7 +76,7 @@ def test_sizes_table(db_url, monkeypatch):
     assert code == 0, err
     table = [line for line in out.splitlines() if line.startswith("| runs in commit")]
     assert table == ["| runs in commit | tests x uploads | rows considered | A median | A vs previous"
-                     " | B median | C median | B/A | A/C | A buffers | A peak memory |"]
+                     " | B median | C median | W median | B/A | A/C | A/W | A buffers | A peak memory |"]
     rows = [line for line in out.splitlines() if line.startswith("| 1,0") or line.startswith("| 3,")]
     assert len(rows) == 2
 
@@ -85,7 +90,18 @@ def test_refuses_without_flakectl(empty_db_url):
 
 
 def test_throwaway_server_default():
-    code, out, err = run_bench("--uploads", "2", "--tests", "100", "--other-rows", "0", "--repeat", "1")
+    code, out, err = run_bench("--uploads", "2", "--tests", "100", "--other-rows", "0", "--repeat", "1",
+                               "--statements", "2")
     assert code == 0, err
     assert "starting a throwaway PostgreSQL" in err
     assert "shared_buffers 512MB" in out
+    # --statements: planning and execution of the function's own statements
+    assert "| plan ms | exec ms | calls | rows | statement |" in out
+    assert "| 2 | 1 | select * from flakectl.process_commit($1, $2) |" in out
+    assert "update ta_timeseries_testrun r set outcome" in out
+
+
+def test_statements_needs_pg_stat_statements(db_url):
+    code, out, err = run_bench("--dsn", db_url, *TINY, "--statements", "1")
+    assert code == 1 and out == ""
+    assert err.splitlines()[-1].startswith("flakectl: error: --statements: ")

@@ -14,6 +14,7 @@ import pytest
 import flakectl
 from flakectl import sqlfiles
 from flakectl.dba import migrate
+from flakectl.lab import bench
 from flakectl.cli import build_parser, main
 from flakectl.dba.durations import format_duration, parse_duration
 
@@ -632,7 +633,7 @@ def test_bench_small(cli, db_url):
     assert code == 0, err
     lines = out.splitlines()
     assert re.fullmatch(r"flakectl bench: PostgreSQL \d+\.\d+.*, \d+ CPUs, .* GB RAM; shared_buffers \S+,"
-                        r" work_mem \S+, jit (on|off); 1 timed calls per path \(medians\),"
+                        r" work_mem \S+, jit (on|off); 1 timed calls of A, C, W and 1 of B \(medians\),"
                         r" A called 10\+ times per session", lines[0]), lines[0]
     assert lines[1:6] == [
         "",
@@ -649,16 +650,22 @@ def test_bench_small(cli, db_url):
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     number = r"[\d,.]+ (ms|s)"
-    for line, path in zip(lines[8:11], ("A function", "B worker path", "C read floor")):
+    for line, path in zip(lines[8:12], ("A function", "B worker path", "C read floor", "W write floor")):
         assert re.fullmatch(rf"\| {path} \| {number} \| {number} \| {number} \| [\d,]+ \| [\d,]+"
                             r" \| [\d,]+ \| ([\d,.]+ MB|n/a) \|", line), line
-    assert lines[11] == ""
-    assert re.fullmatch(r"B/A = [\d,.]+x    A/C = [\d,.]+", lines[12]), lines[12]
-    assert re.fullmatch(r"A, every call in order \(ms\): \d+(, \d+){9}", lines[13]), lines[13]
-    assert lines[14:] == [""]
+    assert lines[12] == ""
+    assert re.fullmatch(r"B/A = [\d,.]+x    A/C = [\d,.]+    A/W = [\d,.]+    W/C = [\d,.]+",
+                        lines[13]), lines[13]
+    assert re.fullmatch(rf"W's marking UPDATE alone: median {number} \(\d+ runs\)", lines[14]), lines[14]
+    assert re.fullmatch(r"A, every call in order \(ms; the first untimed\): [\d.]+(, [\d.]+){9}",
+                        lines[15]), lines[15]
+    for line, path in zip(lines[16:18], "CW"):
+        assert re.fullmatch(rf"{path}, every call in order \(ms; the first untimed\): [\d.]+, [\d.]+",
+                            line), line
+    assert lines[18:] == ["", bench.PROTOCOL + "."]
     progress = err.splitlines()
     assert progress[0] == "flakectl bench: generating realistic: 3 uploads x 200 tests + 0 other rows"
-    assert re.fullmatch(r"flakectl bench: generated in [\d.]+ s; running A, B, C", progress[1])
+    assert re.fullmatch(r"flakectl bench: generated in [\d.]+ s; running A, B, C, W", progress[1])
     assert progress[2:] == ["flakectl bench: A and B agree (flakes, run outcomes, counters)"]
 
 

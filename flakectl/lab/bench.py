@@ -1,5 +1,5 @@
-"""`flakectl bench`: the function (A) against the worker's Python path (B) and
-the read floor (C), on one large generated commit.
+"""`flakectl bench`: the function (A) against the worker's Python path (B),
+the read floor (C) and the write floor (W), on one large generated commit.
 
     python -m flakectl.lab.bench --shape realistic --uploads 50 --tests 20000
     python -m flakectl.lab.bench --sizes
@@ -12,19 +12,28 @@ flakectl.lab.benchdata). Each call runs in its own transaction, rolled back:
 * B: flakectl.lab.workerpath, the worker's path as upstream has it;
 * C: one `select count(*)` over exactly the rows A must read: the uploads'
   failure-class runs in the window, plus their passes of the tests that fail
-  or hold an open flake (its count should equal A's testruns_considered).
+  or hold an open flake (its count should equal A's testruns_considered);
+* W: the write floor (SPEC, last section): C, then the marking UPDATE alone
+  (`outcome = 'flaky_fail'` on the uploads' failures, the statement A and B
+  both run), in one transaction; its marked count must equal A's.
 
-A, B and C alternate, each on its own connection. A is called at least ten times on one connection (a
-PL/pgSQL plan can turn generic after five calls); the timed calls are the
-last `--repeat` of each. Inside every A and B transaction, before the
+The protocol (printed with the results): A, B, C and W alternate, each on
+its own connection; every connection has psycopg's automatic preparation
+off (`prepare_threshold=None`), so every timed statement is planned for its
+own values (psycopg prepares a statement after its fifth execution, and a
+generic plan of the floor query with bound arrays ran 2-3x slower). A is
+called at least ten times on one connection (a PL/pgSQL plan can turn
+generic after five calls: the per-call list shows a step if it does); the
+first call of each path is an untimed warm-up, the timed calls are the next
+`--repeat` of A, C and W and `--worker-repeat` of B (B is ~100x slower). Inside every A and B transaction, before the
 rollback, the flakes and the run outcomes are hashed: A and B must leave the
 same state (exit status 1 otherwise). Per call it records the wall time at
 the client, buffer accesses of the bench's tables (pg_stat_get_xact_blocks_*,
 this transaction's own counters) and the backend's peak private memory
 (RssAnon of /proc/<pid>/status, sampled every 2 ms; only when the server
 runs on this machine). Between calls the tables are vacuumed (untimed), so
-one call's rolled-back rows do not slow the next. It prints; it asserts no
-times.
+one call's rolled-back rows do not slow the next: every path's call is
+followed by the same untimed VACUUM. It prints; it asserts no times.
 """
 
 from __future__ import annotations
@@ -53,18 +62,28 @@ from flakectl.lab.pgserver import ThrowawayServer
 #: A benchmark server: room in shared_buffers for the commit, no durability.
 SERVER_SETTINGS = {
     "shared_buffers": "512MB",
+    # --statements reads planning and execution per statement from
+    # pg_stat_statements; loaded always, tracking nothing unless asked
+    "shared_preload_libraries": "pg_stat_statements",
+    "pg_stat_statements.track": "none",
     "max_wal_size": "8GB",
     "checkpoint_timeout": "30min",
     "maintenance_work_mem": "512MB",
     "autovacuum": "off",  # the bench vacuums itself, between calls
 }
 MIN_FUNCTION_CALLS = 10
+WORKER_REPEAT = 3
 #: --sizes: tests per upload at 50 uploads (10k, 100k, 1M, 2M runs); the
 #: relevant rows are held fixed: 50 flaky tests and 50 open flakes.
 SIZES = (200, 2_000, 20_000, 40_000)
 SIZES_FLAKY, SIZES_OPEN = 50, 50
-PATHS = ("A", "B", "C")
-PATH_NAMES = {"A": "A function", "B": "B worker path", "C": "C read floor"}
+PATHS = ("A", "B", "C", "W")
+PATH_NAMES = {"A": "A function", "B": "B worker path", "C": "C read floor", "W": "W write floor"}
+PROTOCOL = (
+    "protocol: A, B, C, W alternate, each on a connection of its own, each call in a transaction"
+    " rolled back and followed by an untimed VACUUM of the bench's tables; psycopg's automatic"
+    " preparation off (prepare_threshold=None), so every timed statement is planned for its own"
+    " values; first call of each path untimed; medians of the timed calls")
 
 _FUNCTION = "select * from flakectl.process_commit(%(repo)s, %(sha)s)"
 _FLOOR = """
@@ -86,6 +105,13 @@ select (select count(*) from fail)
            and r.test_id = any(array(select test_id from tests))
            and r.repo_id = %(repo)s
            and r.timestamp >= (now() at time zone 'UTC' - interval '1 day') at time zone 'UTC')
+"""
+# the write floor's second statement: the marking UPDATE as A and B run it
+_MARK = """
+update ta_timeseries_testrun r
+   set outcome = 'flaky_fail'
+ where r.upload_id = any(%(uploads)s) and r.outcome in ('failure', 'error')
+   and r.repo_id = %(repo)s and r.timestamp >= (now() at time zone 'UTC' - interval '1 day') at time zone 'UTC'
 """
 # order-independent hashes of the state a call leaves: the flakes (new ones without
 # their sequence-assigned ids) and every run that is not a pass (no call makes or
@@ -118,6 +144,7 @@ class Call:
     state: tuple | None = None
     summary: dict | None = None
     timed: bool = True
+    mark_seconds: float | None = None  # W: its marking UPDATE alone
 
 
 @dataclass
@@ -139,7 +166,12 @@ class Stats:
 
     def as_json(self) -> dict:
         t = self.timed
+        extra = {}
+        if self.path == "W":
+            extra["mark_median_s"] = self.median("mark_seconds")
+            extra["marked"] = t[-1].summary["testruns_marked"]
         return {
+            **extra,
             "median_s": self.median(), "min_s": min(c.seconds for c in t),
             "max_s": max(c.seconds for c in t), "rows": t[-1].rows,
             "buffers": round(self.median("buffers")), "buffers_read": round(self.median("read")),
@@ -157,6 +189,7 @@ class Outcome:
     agree: bool
     problems: list[str] = field(default_factory=list)
     explain: list[str] = field(default_factory=list)
+    statements: list[dict] = field(default_factory=list)
 
     @property
     def b_over_a(self) -> float:
@@ -166,13 +199,23 @@ class Outcome:
     def a_over_c(self) -> float:
         return self.stats["A"].median() / self.stats["C"].median()
 
+    @property
+    def a_over_w(self) -> float:
+        return self.stats["A"].median() / self.stats["W"].median()
+
+    @property
+    def w_over_c(self) -> float:
+        return self.stats["W"].median() / self.stats["C"].median()
+
     def as_json(self) -> dict:
         return {
             "workload": self.workload.as_json(), "runs_in_commit": self.runs,
             "summary": self.summary, "agree": self.agree, "problems": self.problems,
             "b_over_a": round(self.b_over_a, 2), "a_over_c": round(self.a_over_c, 2),
+            "a_over_w": round(self.a_over_w, 3), "w_over_c": round(self.w_over_c, 2),
             "paths": {p: s.as_json() for p, s in self.stats.items()},
             **({"explain": self.explain} if self.explain else {}),
+            **({"statements": self.statements} if self.statements else {}),
         }
 
 
@@ -214,10 +257,12 @@ class PeakMemory:
 
 
 class Session:
-    """One connection to the bench schema, running A, B and C in rolled-back transactions."""
+    """One connection to the bench schema, running A, B, C and W in rolled-back transactions."""
 
     def __init__(self, url: str, *, local: bool):
-        self.conn = psycopg.connect(url, autocommit=True)
+        # prepare_threshold=None: never a server-side prepared statement, so every
+        # statement is planned for its own values, as the function's are
+        self.conn = psycopg.connect(url, autocommit=True, prepare_threshold=None)
         benchdata.use_schema(self.conn)
         (pid,) = self.conn.execute("select pg_backend_pid()").fetchone()
         self.pid = pid if local and _is_postgres(pid) else None
@@ -243,7 +288,8 @@ class Session:
 
     def call(self, path: str, *, timed: bool) -> Call:
         run: Callable[[], tuple[int, dict | None]] = {
-            "A": self._function, "B": self._worker, "C": self._floor}[path]
+            "A": self._function, "B": self._worker, "C": self._floor, "W": self._write_floor}[path]
+        self._mark_seconds = None
         self.conn.execute("begin")
         try:
             fetched0, hit0 = self._buffers()
@@ -252,13 +298,14 @@ class Session:
                 rows, summary = run()
                 seconds = time.perf_counter() - started
             fetched1, hit1 = self._buffers()
-            state = tuple(self.conn.execute(_STATE, self.params).fetchone()) if path != "C" else None
+            state = tuple(self.conn.execute(_STATE, self.params).fetchone()) if path in "AB" else None
         finally:
             self.conn.execute("rollback")
-        if path != "C":
-            self.conn.execute(f"vacuum {SCHEMA}.ta_timeseries_testrun, {SCHEMA}.test_analytics_flake")
+        # every path, the same untimed vacuum: no call pays for an earlier one's dead rows
+        self.conn.execute(f"vacuum {SCHEMA}.ta_timeseries_testrun, {SCHEMA}.test_analytics_flake")
         fetched, hit = fetched1 - fetched0, hit1 - hit0
-        return Call(path, seconds, rows, fetched, fetched - hit, memory.peak_kb, state, summary, timed)
+        return Call(path, seconds, rows, fetched, fetched - hit, memory.peak_kb, state, summary, timed,
+                    self._mark_seconds)
 
     def _function(self) -> tuple[int, dict]:
         with self.conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
@@ -276,6 +323,48 @@ class Session:
     def _floor(self) -> tuple[int, None]:
         (n,) = self.conn.execute(_FLOOR, self.params).fetchone()
         return n, None
+
+    def _write_floor(self) -> tuple[int, dict]:
+        (n,) = self.conn.execute(_FLOOR, self.params).fetchone()
+        started = time.perf_counter()
+        marked = self.conn.execute(_MARK, self.params).rowcount
+        self._mark_seconds = time.perf_counter() - started
+        return n, {"testruns_marked": marked}
+
+    def statement_stats(self, calls: int) -> list[dict]:
+        """Planning and execution per statement over `calls` function calls
+        (pg_stat_statements, track = all, track_planning = on), rolled back."""
+        self.conn.execute("create extension if not exists pg_stat_statements with schema public")
+        self.conn.execute("set pg_stat_statements.track = 'all'")
+        self.conn.execute("set pg_stat_statements.track_planning = on")
+        try:
+            self.conn.execute("select public.pg_stat_statements_reset()")
+            for _ in range(calls):
+                self.conn.execute("begin")
+                try:
+                    self.conn.execute(_FUNCTION, self.params).fetchone()
+                finally:
+                    self.conn.execute("rollback")
+                self.conn.execute("set pg_stat_statements.track = 'none'")
+                self.conn.execute(f"vacuum {SCHEMA}.ta_timeseries_testrun, {SCHEMA}.test_analytics_flake")
+                self.conn.execute("set pg_stat_statements.track = 'all'")
+            self.conn.execute("set pg_stat_statements.track = 'none'")
+            rows = self.conn.execute(
+                """
+                select s.toplevel, s.calls, s.plans, s.total_plan_time / greatest(s.plans, 1),
+                       s.total_exec_time / greatest(s.calls, 1), s.rows / greatest(s.calls, 1),
+                       regexp_replace(left(s.query, 400), '[[:space:]]+', ' ', 'g')
+                  from public.pg_stat_statements s
+                 where s.dbid = (select oid from pg_database where datname = current_database())
+                   and s.userid = current_user::regrole
+                   and s.query !~* '^[[:space:]]*(set|select public.pg_stat_statements_reset|begin|rollback)'
+                 order by s.total_exec_time desc
+                """).fetchall()
+        finally:
+            self.conn.execute("reset pg_stat_statements.track")
+            self.conn.execute("reset pg_stat_statements.track_planning")
+        return [{"toplevel": t, "calls": c, "plans": p, "plan_ms": round(pm, 3), "exec_ms": round(em, 3),
+                 "rows": r, "query": q} for t, c, p, pm, em, r, q in rows]
 
     def explain_function(self) -> list[str]:
         """The function's statements as they ran (auto_explain, ANALYZE, BUFFERS), rolled back."""
@@ -303,19 +392,21 @@ def _is_postgres(pid: int) -> bool:
 
 
 def measure(url: str, workload: Workload, repeat: int, *, local: bool, explain: bool = False,
+            worker_repeat: int = WORKER_REPEAT, statements: int = 0,
             progress: Callable[[str], None] = lambda s: None) -> Outcome:
-    """Run A, B and C alternating, each path on a connection of its own (its
+    """Run A, B, C and W alternating, each path on a connection of its own (its
     backend's peak memory is its own), and compare A's and B's states."""
     sessions = {p: Session(url, local=local) for p in PATHS}
     try:
-        return _measure(sessions, workload, repeat, explain=explain, progress=progress)
+        return _measure(sessions, workload, repeat, worker_repeat=worker_repeat, explain=explain,
+                        statements=statements, progress=progress)
     finally:
         for session in sessions.values():
             session.close()
 
 
-def _measure(sessions: dict[str, Session], workload: Workload, repeat: int, *, explain: bool,
-             progress: Callable[[str], None]) -> Outcome:
+def _measure(sessions: dict[str, Session], workload: Workload, repeat: int, *, worker_repeat: int,
+             explain: bool, statements: int, progress: Callable[[str], None]) -> Outcome:
     for session in sessions.values():
         session.prepare(workload)
     warmup = max(1, MIN_FUNCTION_CALLS - repeat)
@@ -323,7 +414,9 @@ def _measure(sessions: dict[str, Session], workload: Workload, repeat: int, *, e
     for i in range(warmup + repeat):
         for path in PATHS:
             if path != "A" and 0 < i < warmup:
-                continue  # one warm-up call of B and C is enough; A's are the plan-cache guard check
+                continue  # one warm-up call of B, C, W is enough; A's are the plan-cache guard check
+            if path == "B" and i >= warmup + worker_repeat:
+                continue
             progress(f"{path} call {len(calls[path]) + 1}")
             calls[path].append(sessions[path].call(path, timed=i >= warmup))
     stats = {p: Stats(p, c) for p, c in calls.items()}
@@ -342,10 +435,15 @@ def _measure(sessions: dict[str, Session], workload: Workload, repeat: int, *, e
     if calls["C"][0].rows != a[0].rows:
         problems.append(f"C counted {calls['C'][0].rows} rows, A considered {a[0].rows}"
                         " (the floor query does not match the function's rows)")
+    if calls["W"][0].summary["testruns_marked"] != a[0].summary["testruns_marked"]:
+        problems.append(f"W marked {calls['W'][0].summary['testruns_marked']} runs,"
+                        f" A {a[0].summary['testruns_marked']}")
     outcome = Outcome(workload, benchdata.runs_in_commit(sessions["A"].conn), stats, a[0].summary,
                       agree, problems)
     if explain:
         outcome.explain = sessions["A"].explain_function()
+    if statements:
+        outcome.statements = sessions["A"].statement_stats(statements)
     return outcome
 
 
@@ -381,16 +479,29 @@ def describe(o: Outcome) -> list[str]:
         out.append(f"| {PATH_NAMES[p]} | {_ms(st.median())} | {_ms(min(t))} | {_ms(max(t))}"
                    f" | {st.timed[-1].rows:,} | {round(st.median('buffers')):,}"
                    f" | {round(st.median('read')):,} | {_mb(st.peak_kb)} |")
-    a_calls = ", ".join(f"{c.seconds * 1000:.0f}" for c in o.stats["A"].calls)
-    out += ["", f"B/A = {o.b_over_a:,.1f}x    A/C = {o.a_over_c:,.2f}",
-            f"A, every call in order (ms): {a_calls}"]
+    w = o.stats["W"]
+    out += ["", f"B/A = {o.b_over_a:,.1f}x    A/C = {o.a_over_c:,.2f}    A/W = {o.a_over_w:,.2f}"
+            f"    W/C = {o.w_over_c:,.2f}",
+            f"W's marking UPDATE alone: median {_ms(w.median('mark_seconds'))}"
+            f" ({w.timed[-1].summary['testruns_marked']:,} runs)"]
+    for p in ("A", "C", "W"):
+        calls = ", ".join(f"{c.seconds * 1000:.1f}" for c in o.stats[p].calls)
+        out.append(f"{p}, every call in order (ms; the first untimed): {calls}")
+    if o.statements:
+        out += ["", f"per statement (pg_stat_statements, track = all, track_planning = on;"
+                f" means over {o.statements[0]['calls'] if o.statements else 0}+ calls):", "",
+                "| plan ms | exec ms | calls | rows | statement |", "|---:|---:|---:|---:|---|"]
+        for st in o.statements:
+            text = st["query"].replace("|", "\\|")
+            out.append(f"| {st['plan_ms']:.3f} | {st['exec_ms']:.3f} | {st['calls']} | {st['rows']:,}"
+                       f" | {text[:160]} |")
     return out
 
 
 def sizes_table(outcomes: list[Outcome]) -> list[str]:
     out = ["| runs in commit | tests x uploads | rows considered | A median | A vs previous"
-           " | B median | C median | B/A | A/C | A buffers | A peak memory |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           " | B median | C median | W median | B/A | A/C | A/W | A buffers | A peak memory |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     previous = None
     for o in outcomes:
         a = o.stats["A"].median()
@@ -399,7 +510,8 @@ def sizes_table(outcomes: list[Outcome]) -> list[str]:
         out.append(f"| {o.runs:,} | {o.workload.tests:,} x {o.workload.uploads} |"
                    f" {o.summary['testruns_considered']:,} | {_ms(a)} | {ratio} |"
                    f" {_ms(o.stats['B'].median())} | {_ms(o.stats['C'].median())} |"
-                   f" {o.b_over_a:,.1f}x | {o.a_over_c:.2f} |"
+                   f" {_ms(o.stats['W'].median())} | {o.b_over_a:,.1f}x | {o.a_over_c:.2f} |"
+                   f" {o.a_over_w:.2f} |"
                    f" {round(o.stats['A'].median('buffers')):,} | {_mb(o.stats['A'].peak_kb)} |")
     return out
 
@@ -422,12 +534,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--other-rows", type=int, default=1_000_000,
                         help="runs of other commits and repositories in the table (default 1000000)")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--repeat", type=int, default=5, help="timed calls of each path (default 5)")
+    parser.add_argument("--repeat", type=int, default=10,
+                        help="timed calls of A, C and W (default 10)")
+    parser.add_argument("--worker-repeat", type=int, default=WORKER_REPEAT,
+                        help=f"timed calls of B, the slow one (default {WORKER_REPEAT})")
     parser.add_argument("--sizes", action="store_true",
                         help="scaling table: 50 uploads x 200/2000/20000/40000 tests, 50 flaky tests,"
                              " 50 open flakes (10k to 2M runs)")
     parser.add_argument("--explain", action="store_true",
                         help="also print the function's statements as they ran (auto_explain)")
+    parser.add_argument("--statements", type=int, default=0, metavar="N",
+                        help="also print planning and execution time per statement over N more"
+                             " calls of A (pg_stat_statements, which must be preloaded; the"
+                             " throwaway server preloads it)")
     parser.add_argument("--keep", action="store_true", help="with --dsn: keep the scratch schema")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -489,8 +608,10 @@ def bench(url: str, args: argparse.Namespace, *, local: bool, err: TextIO) -> tu
                     f" + {w.other_rows:,} other rows")
                 started = time.perf_counter()
                 benchdata.generate(admin, w)
-                say(f"generated in {time.perf_counter() - started:.1f} s; running A, B, C")
-                outcomes.append(measure(url, w, args.repeat, local=local, explain=args.explain))
+                say(f"generated in {time.perf_counter() - started:.1f} s; running A, B, C, W")
+                outcomes.append(measure(url, w, args.repeat, local=local, explain=args.explain,
+                                        worker_repeat=min(args.worker_repeat, args.repeat),
+                                        statements=args.statements))
                 say(describe(outcomes[-1])[2])
         finally:
             if not (args.keep and args.dsn):
@@ -509,8 +630,8 @@ def _memory_gb() -> float | None:
 def run(args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
-    if args.repeat < 1:
-        err.write("flakectl bench: --repeat must be at least 1\n")
+    if args.repeat < 1 or args.worker_repeat < 1:
+        err.write("flakectl bench: --repeat and --worker-repeat must be at least 1\n")
         return 2
     try:
         if args.dsn:
@@ -520,23 +641,29 @@ def run(args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | No
             with ThrowawayServer(settings=SERVER_SETTINGS) as server:
                 migrate.upgrade(server.url)
                 outcomes, env = bench(server.url, args, local=True, err=err)
+    except psycopg.errors.ObjectNotInPrerequisiteState as exc:  # pg_stat_statements not preloaded
+        err.write(f"flakectl: error: --statements: {str(exc).splitlines()[0]}\n")
+        return 1
     except (BenchError, ValueError) as exc:
         err.write(f"flakectl: error: {exc}\n")
         return 1
     if args.json:
-        out.write(json.dumps({"environment": env, "repeat": args.repeat,
+        out.write(json.dumps({"environment": env, "protocol": PROTOCOL, "repeat": args.repeat,
+                              "worker_repeat": min(args.worker_repeat, args.repeat),
                               "results": [o.as_json() for o in outcomes]}, indent=2) + "\n")
     else:
         s = env["settings"]
         lines = [f"flakectl bench: PostgreSQL {env['server_version']}, {env['nproc']} CPUs,"
                  f" {env['memory_gb']} GB RAM; shared_buffers {s.get('shared_buffers')},"
                  f" work_mem {s.get('work_mem')}, jit {s.get('jit')}; {args.repeat} timed calls"
-                 f" per path (medians), A called {MIN_FUNCTION_CALLS}+ times per session", ""]
+                 f" of A, C, W and {min(args.worker_repeat, args.repeat)} of B (medians),"
+                 f" A called {MIN_FUNCTION_CALLS}+ times per session", ""]
         for o in outcomes:
             lines += describe(o) + [""]
             lines += o.explain + ([""] if o.explain else [])
         if args.sizes:
             lines += ["scaling (relevant rows held fixed):", "", *sizes_table(outcomes)]
+        lines.append(PROTOCOL + ".")
         out.write("\n".join(lines) + "\n")
     return 0 if all(o.agree for o in outcomes) else 1
 
