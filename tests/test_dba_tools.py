@@ -5,6 +5,7 @@ command line's edges. Real PostgreSQL, real sessions; no mocks."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from flakectl.errors import DataWouldBeLost
 
 from builders import Repo, at
 from sessions import InThread, connect, join_all, wait_until
+from test_cli import cli  # noqa: F401 - the fixture: flakectl ARGS in-process
 
 HEAD = migrate.head()
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,3 +190,39 @@ def test_offline_sql_refuses_a_downgrade(revision, start):
         dbadmin.offline_sql(revision, start)
     assert str(info.value) == (f"{revision} lies below --from {start}: `db sql` prints upgrades only;"
                                f" to downgrade, run `flakectl db downgrade {revision}` against the database")
+
+
+# --- 4. timestamps Python's datetime cannot hold ----------------------------------------
+
+
+def test_infinity_runs_are_read_verified_and_shown(cli, db_url, conn):
+    from flakectl.model import INFINITY, OutOfRange
+    from flakectl.dba.snapshot import read_snapshot
+
+    repo = Repo(conn)
+    up = repo.upload("c1")
+    repo.runs(up, ("a", "pass", at(1)))
+    conn.execute("insert into ta_timeseries_testrun (timestamp, test_id, outcome, repo_id, upload_id) values"
+                 " ('infinity', 'a', 'failure', 1, %s), ('infinity', 'b', 'error', 1, %s),"
+                 " ('10000-01-01 00:00:00+00', 'b', 'pass', 1, %s), ('-infinity', 'c', 'failure', 1, %s)",
+                 (up, up, up, up))
+    conn.commit()
+    runs = {(r.test_id, r.timestamp) for r in read_snapshot(conn, 1, commit_sha="c1").testruns}
+    assert (b"a", INFINITY) in runs and (b"b", OutOfRange("10000-01-01 00:00:00+00")) in runs
+    assert cli("verify", "--dsn", db_url, "--repo", 1, "--commit", "c1") == (
+        0, "identical: repository 1, commit c1: 1 uploads, 4 runs considered, 2 marked,"
+           " flakes 2 created / 0 updated / 0 expired\n",
+        "flakectl: rolled back: nothing was changed\n")
+    assert cli("process", "--dsn", db_url, "--repo", 1, "--commit", "c1")[0] == 0
+    # b's failure at infinity sorts after its pass in year 10000: the pass is ignored
+    assert [(f.test_id, f.count, f.start_date) for f in repo.flakes()] == [
+        (b"a", 1, INFINITY), (b"b", 1, INFINITY)]
+    code, out, _ = cli("status", "--dsn", db_url, "--repo", 1)
+    assert code == 0
+    assert out.splitlines()[-3:] == [
+        " fails   count  passes  since                      test",
+        "     1       1       0  infinity                   \\x61",
+        "     1       1       0  infinity                   \\x62",
+    ]
+    code, out, _ = cli("status", "--dsn", db_url, "--repo", 1, "--json")
+    assert [f["start_date"] for f in json.loads(out)["open_flakes"]] == ["infinity", "infinity"]

@@ -15,6 +15,7 @@ import os
 import psycopg
 from psycopg import IsolationLevel
 
+from flakectl.dba.snapshot import register_timestamps
 from flakectl.errors import ConnectionFailed
 
 ENV_URL = "FLAKECTL_DATABASE_URL"
@@ -53,4 +54,5 @@ def connect(dsn: str | None, *, autocommit: bool = True) -> psycopg.Connection:
             f"check --dsn, ${ENV_URL} or the PG* variables"
         ) from exc
     conn.isolation_level = IsolationLevel.READ_COMMITTED
+    register_timestamps(conn)  # infinity and years past 9999 (flakectl.model.OutOfRange)
     return conn

@@ -12,13 +12,57 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 
 import psycopg
+from psycopg.adapt import Dumper
 from psycopg.rows import class_row
+from psycopg.types.datetime import TimestamptzBinaryLoader, TimestamptzLoader
 
-from flakectl.model import Commit, CommitReport, Flake, Snapshot, TestRun, Upload
+from flakectl.model import Commit, CommitReport, Flake, OutOfRange, Snapshot, TestRun, Upload
 
 FLAKE_COLUMNS = (
     "id, repoid, test_id, flags_id, recent_passes_count, count, fail_count, start_date, end_date"
 )
+
+
+class _TimestamptzLoader(TimestamptzLoader):
+    """timestamptz as datetime, and as OutOfRange what datetime cannot hold
+    (infinity, after year 9999): psycopg's own loader raises DataError there."""
+
+    def load(self, data):  # noqa: ANN001, ANN201 - psycopg's signature
+        try:
+            return super().load(data)
+        except psycopg.DataError:
+            return OutOfRange(bytes(data).decode())
+
+
+class _TimestamptzBinaryLoader(TimestamptzBinaryLoader):
+    """Binary results (a `binary=True` cursor) are read as text for the out-of-range ones."""
+
+    def load(self, data):  # noqa: ANN001, ANN201
+        try:
+            return super().load(data)
+        except psycopg.DataError:
+            micros = int.from_bytes(bytes(data), "big", signed=True)
+            if micros in (2**63 - 1, -(2**63)):
+                return OutOfRange("infinity" if micros > 0 else "-infinity")
+            raise
+
+
+class _OutOfRangeDumper(Dumper):
+    """An OutOfRange goes back as the text it came as."""
+
+    oid = psycopg.adapters.types["timestamptz"].oid
+
+    def dump(self, obj: OutOfRange) -> bytes:
+        return obj.text.encode()
+
+
+def register_timestamps(context: psycopg.Connection | psycopg.Cursor) -> None:
+    """Read every timestamptz on `context`, infinity and years past 9999 included
+    (flakectl.model.OutOfRange); the CLI's connections have it, and every reader
+    here registers it on the connection it is given."""
+    context.adapters.register_loader("timestamptz", _TimestamptzLoader)
+    context.adapters.register_loader("timestamptz", _TimestamptzBinaryLoader)
+    context.adapters.register_dumper(OutOfRange, _OutOfRangeDumper)
 
 
 def _rows(conn: psycopg.Connection, cls: type, query: str, params: Sequence | dict = ()) -> list:
@@ -38,6 +82,7 @@ def read_snapshot(
     can read: the commit's commits/reports/uploads rows, the runs of the
     candidate uploads, the repository's flakes and the ledger rows of those
     uploads. With neither commit_sha nor upload_ids: all rows of the repo."""
+    register_timestamps(conn)
     if commit_sha is not None:
         commits = _rows(conn, Commit,
                         "select id, commitid, repoid, branch, merged, timestamp from commits"
@@ -87,6 +132,7 @@ def read_snapshot(
 
 
 def read_flakes(conn: psycopg.Connection, repo_id: int) -> list[Flake]:
+    register_timestamps(conn)
     flakes = _rows(conn, Flake,
                    f"select {FLAKE_COLUMNS} from test_analytics_flake where repoid = %s order by id",
                    (repo_id,))

@@ -17,6 +17,7 @@ from psycopg.rows import class_row
 
 from flakectl import sqlfiles
 from flakectl.dba import migrate
+from flakectl.dba.snapshot import register_timestamps
 from flakectl.errors import NotInstalled, wrap_exceptions
 
 
@@ -98,8 +99,9 @@ class Status:
             out.append(f"open flakes of repo {self.repo_id} ({self.open_total}), most failing first:")
             out.append(f"{'fails':>6}  {'count':>6}  {'passes':>6}  {'since':<25}  test")
             for f in self.open_flakes:
+                since = f"{f.start_date:%Y-%m-%d %H:%M:%S%z}"  # an OutOfRange shows as `infinity`
                 out.append(f"{f.fail_count:>6}  {f.count:>6}  {f.recent_passes_count:>6}  "
-                           f"{f.start_date:%Y-%m-%d %H:%M:%S%z}{'':<1}  {f.name or f.test_id}")
+                           f"{since:<25}  {f.name or f.test_id}")
             if self.open_total > len(self.open_flakes):
                 out.append(f"... and {self.open_total - len(self.open_flakes)} more (--limit)")
         return out
@@ -131,6 +133,7 @@ def functions(conn: psycopg.Connection) -> tuple[Function, ...]:
 
 
 def read_status(conn: psycopg.Connection, repo_id: int | None = None, limit: int = 50) -> Status:
+    register_timestamps(conn)
     with wrap_exceptions(), conn.transaction():
         (has_version, has_ledger) = conn.execute(
             "select to_regclass('alembic_version') is not null,"
