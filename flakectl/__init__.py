@@ -1,6 +1,5 @@
 """flakectl: in-database flaky-test detection for Codecov test analytics."""
 
-from flakectl.api import process_commit, process_uploads
 from flakectl.errors import (
     BadInput,
     ConcurrentConflict,
@@ -13,6 +12,19 @@ from flakectl.errors import (
     WrongIsolationLevel,
 )
 from flakectl.model import Summary
+
+# The entry points import psycopg: loaded on first use, so that the flakectl
+# command starts fast (`flakectl --help` needs no driver) and `import flakectl`
+# never imports SQLAlchemy or Alembic.
+_LAZY = {"process_commit": "flakectl.api", "process_uploads": "flakectl.api"}
+
+
+def __getattr__(name: str):  # noqa: ANN202 - PEP 562
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'flakectl' has no attribute {name!r}")
 
 __all__ = [
     "BadInput",

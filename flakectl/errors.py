@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import psycopg
+if TYPE_CHECKING:  # psycopg is imported where it is used: `flakectl --help` does without it
+    import psycopg
 
 
 class FlakectlError(Exception):
@@ -86,6 +88,8 @@ _NOT_INSTALLED = {"42883", "42P01", "3F000"}
 
 def from_psycopg(exc: psycopg.Error) -> FlakectlError:
     """The flakectl exception for a psycopg error (the server's message kept)."""
+    import psycopg
+
     if isinstance(exc, psycopg.OperationalError) and exc.sqlstate is None:
         return ConnectionFailed(f"could not connect to PostgreSQL: {str(exc).strip()}")
     state = exc.sqlstate or ""
@@ -101,6 +105,8 @@ def from_psycopg(exc: psycopg.Error) -> FlakectlError:
 @contextlib.contextmanager
 def wrap_exceptions() -> Iterator[None]:
     """Re-raise psycopg errors as flakectl exceptions, chained to the original."""
+    import psycopg
+
     try:
         yield
     except psycopg.Error as exc:

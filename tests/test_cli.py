@@ -4,6 +4,7 @@ and `verify` catching deliberately corrupted function bodies."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from datetime import timedelta
@@ -28,6 +29,7 @@ def cli(capsys, monkeypatch):
     """Run `flakectl ARGS...`: (exit code, stdout, stderr)."""
     for name in ("FLAKECTL_DATABASE_URL", "FLAKECTL_REPO", "FLAKECTL_LOOKBACK", "FLAKECTL_JSON",
                  "FLAKECTL_COMMIT", "FLAKECTL_UPLOADS", "FLAKECTL_EXPIRE_AFTER", "FLAKECTL_BENCH_DSN",
+                 "FLAKECTL_DEMO_UPLOADS", "FLAKECTL_BENCH_UPLOADS",
                  "FLAKECTL_TESTS", "FLAKECTL_OTHER_ROWS", "FLAKECTL_REPEAT", "FLAKECTL_SHAPE"):
         monkeypatch.delenv(name, raising=False)
 
@@ -122,10 +124,46 @@ def test_help_has_an_example_and_every_flags_env_var(cli, words):
     assert flags, out
     text = " ".join(out.split())
     for flag in flags:
-        name = flag[2:].upper().replace("-", "_")
-        if flag == "--dsn":  # the bench writes to no database unless named for it
-            name = "BENCH_DSN" if words == ["bench"] else "DATABASE_URL"
+        name = OWN_VARIABLE.get((" ".join(words), flag), flag[2:].upper().replace("-", "_"))
         assert f"env: FLAKECTL_{name}" in text, flag
+
+
+# Flags whose variable is not FLAKECTL_<FLAG>: the same name would mean another thing elsewhere.
+OWN_VARIABLE = {
+    **{(" ".join(w), "--dsn"): "DATABASE_URL" for w in SUBCOMMANDS},
+    ("bench", "--dsn"): "BENCH_DSN",  # the bench writes to no database unless named for it
+    ("demo", "--uploads"): "DEMO_UPLOADS",  # a count; process --uploads is a list of ids
+    ("bench", "--uploads"): "BENCH_UPLOADS",
+}
+
+
+def test_every_environment_variable_has_one_meaning():
+    """A variable read by several commands is read with the same type and metavar by each
+    (FLAKECTL_UPLOADS was a list of ids for process and a count for demo and bench)."""
+    parser = build_parser()
+    meanings: dict[str, set] = {}
+    stack = [parser]
+    while stack:
+        p = stack.pop()
+        for action in p._actions:  # noqa: SLF001
+            if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+                stack.extend(action.choices.values())
+        for option in p.get_default("_env_options") or []:
+            action = next(a for a in p._actions if a.dest == option.dest)  # noqa: SLF001
+            meanings.setdefault(option.env, set()).add(
+                (getattr(option.convert, "__qualname__", option.convert), action.metavar))
+    assert {env: m for env, m in meanings.items() if len(m) > 1} == {}
+    assert meanings["FLAKECTL_UPLOADS"] == {("id_list", "ID,ID,...")}
+    assert meanings["FLAKECTL_DEMO_UPLOADS"] == meanings["FLAKECTL_BENCH_UPLOADS"] == {("positive_int", "N")}
+
+
+def test_a_count_in_flakectl_uploads_is_not_taken_for_an_upload_id(cli, monkeypatch):
+    monkeypatch.setenv("FLAKECTL_DEMO_UPLOADS", "8")
+    monkeypatch.setenv("FLAKECTL_BENCH_UPLOADS", "8")
+    code, out, err = cli("process", "--repo", "42", "--dry-run")
+    assert (code, out) == (2, "")
+    assert err == ("flakectl: error: give --commit or --uploads (or set FLAKECTL_COMMIT or"
+                   " FLAKECTL_UPLOADS)\n")
 
 
 def test_top_level_help_lists_the_commands(cli):
@@ -683,3 +721,49 @@ def test_every_subcommand_is_tested():
     assert names == {"command"}
     choices = parser._subparsers._group_actions[0].choices  # noqa: SLF001
     assert sorted(choices) == sorted({w[0] for w in SUBCOMMANDS})
+
+
+# --- startup, --version, values that start with a dash (issue 12) ------------
+
+
+HEAVY = ("alembic", "sqlalchemy", "psycopg")
+
+
+def _modules_after(code: str) -> list[str]:
+    import subprocess
+    import sys
+
+    script = (f"import sys\n{code}\n"
+              f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r}))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return done.stdout.splitlines()
+
+
+def test_import_flakectl_imports_neither_alembic_nor_sqlalchemy():
+    assert _modules_after("import flakectl") == ["[]"]
+    assert _modules_after("import flakectl\nflakectl.process_commit") == ["['psycopg']"]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["process", "--help"], ["process"], ["--version"]])
+def test_the_command_line_alone_imports_nothing_heavy(argv):
+    """`flakectl --help` and `flakectl process --help` start fast: no driver, no Alembic."""
+    lines = _modules_after(f"from flakectl.cli import main\nmain({argv!r})")
+    assert lines[-1] == "[]"
+
+
+def test_version(cli):
+    from importlib.metadata import version
+
+    assert cli("--version") == (0, f"flakectl {version('flakectl')}\n", "")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lookback", "-1d"], "argument --lookback: invalid duration '-1d': use a number and a unit"
+     " (w, d, h, m, s), e.g. 1d, 12h, 30m, 90s, 2w or 1d12h (see `flakectl process --help`)"),
+    (["--expire-after", "-3"], "argument --expire-after: must be at least 1, got -3"
+     " (see `flakectl process --help`)"),
+    (["--uploads", "-5"], "argument --uploads: not allowed with argument --commit"
+     " (see `flakectl process --help`)"),
+])
+def test_a_value_starting_with_a_dash_gets_its_own_message(cli, argv, message):
+    assert cli("process", "--repo", "1", "--commit", "s", *argv) == (2, "", f"flakectl: error: {message}\n")

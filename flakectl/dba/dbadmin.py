@@ -9,7 +9,9 @@ around the psycopg connection flakectl.dba.connection made (Alembic's cookbook
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import sys
 from collections.abc import Iterator
 
 import psycopg
@@ -21,6 +23,7 @@ from alembic.util import CommandError
 from sqlalchemy import pool
 
 from flakectl.dba import migrate
+from flakectl.dba import options as o
 from flakectl.dba.connection import connect
 from flakectl.errors import FlakectlError, from_psycopg
 
@@ -116,3 +119,66 @@ def offline_sql(revision: str = "head", start: str | None = None) -> str:
             return migrate.sql(revision, start)
         except migrate.NotAnUpgrade as exc:
             raise NotAnUpgrade(str(exc)) from exc
+
+
+# --------------------------------------------------------------------------
+# `flakectl db upgrade|downgrade|current|sql` (cli.py: "flakectl.dba.dbadmin:NAME")
+# --------------------------------------------------------------------------
+
+
+def add_upgrade_arguments(parser: argparse.ArgumentParser) -> None:
+    o.example(parser, "  flakectl db upgrade                 # to the newest revision\n"
+                      "  flakectl db upgrade 0002")
+    parser.add_argument("revision", nargs="?", default="head", metavar="REV")
+    o.dsn(parser)
+
+
+def run_upgrade(args: argparse.Namespace) -> int:
+    before, after = upgrade(args.dsn, args.revision)
+    o.err(f"flakectl: upgraded from {before or 'nothing'} to {after}" if before != after
+          else f"flakectl: already at {after}")
+    return 0
+
+
+def add_downgrade_arguments(parser: argparse.ArgumentParser) -> None:
+    o.example(parser, "  flakectl db downgrade 0002")
+    parser.add_argument("revision", metavar="REV")
+    o.dsn(parser)
+
+
+def run_downgrade(args: argparse.Namespace) -> int:
+    before, after = downgrade(args.dsn, args.revision)
+    o.err(f"flakectl: downgraded from {before or 'nothing'} to {after or 'nothing (flakectl removed)'}"
+          if before != after else f"flakectl: already at {after or 'base'}")
+    return 0
+
+
+def add_current_arguments(parser: argparse.ArgumentParser) -> None:
+    o.example(parser, "  FLAKECTL_DATABASE_URL=postgresql://postgres@localhost/codecov flakectl db current")
+    o.dsn(parser)
+    o.json_flag(parser)
+
+
+def run_current(args: argparse.Namespace) -> int:
+    revision = current(args.dsn)
+    head = migrate.head()
+    if args.json:
+        o.print_json({"revision": revision, "head": head, "up_to_date": revision == head})
+    elif revision is None:
+        o.out(f"none (not installed; head is {head})")
+    else:
+        o.out(f"{revision} (head)" if revision == head else f"{revision} (head is {head})")
+    return 0
+
+
+def add_sql_arguments(parser: argparse.ArgumentParser) -> None:
+    o.example(parser, "  flakectl db sql > flakectl.sql && psql -v ON_ERROR_STOP=1 -f flakectl.sql codecov\n"
+                      "  flakectl db sql head --from 0002   # only what comes after 0002")
+    parser.add_argument("revision", nargs="?", default="head", metavar="REV")
+    o.option(parser, "--from", type=str, metavar="REV", dest="start",
+             help="the revision the database is at (default: nothing installed)")
+
+
+def run_sql(args: argparse.Namespace) -> int:
+    sys.stdout.write(offline_sql(args.revision, args.start))
+    return 0

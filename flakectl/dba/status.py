@@ -9,6 +9,7 @@ open flakes, most failing first.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
@@ -17,6 +18,7 @@ from psycopg.rows import class_row
 
 from flakectl import sqlfiles
 from flakectl.dba import migrate
+from flakectl.dba import options as o
 from flakectl.dba.snapshot import register_timestamps
 from flakectl.errors import NotInstalled, wrap_exceptions
 
@@ -186,3 +188,30 @@ def read_status(conn: psycopg.Connection, repo_id: int | None = None, limit: int
         last_processed_at=last[3], repos=tuple(RepoFlakes(*r) for r in repos),
         repo_id=repo_id, open_flakes=tuple(open_flakes), open_total=open_total,
     )
+
+
+# --------------------------------------------------------------------------
+# `flakectl status`
+# --------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    o.example(parser, "  flakectl status\n"
+                      "  flakectl status --repo 1234 --limit 10   # and its open flakes, most failing first")
+    o.dsn(parser)
+    o.option(parser, "--repo", type=o.whole, metavar="ID", help="also list this repository's open flakes")
+    o.option(parser, "--limit", type=o.positive_int, default=50, metavar="N", help="list at most N open flakes")
+    o.json_flag(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from flakectl.dba.connection import connect
+
+    with connect(args.dsn) as conn:
+        status = read_status(conn, args.repo, args.limit)
+    if args.json:
+        o.print_json(status.as_json())
+    else:
+        for line in status.lines():
+            o.out(line)
+    return 0

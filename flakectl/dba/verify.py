@@ -17,6 +17,7 @@ locks stack: the function takes it again without waiting).
 
 from __future__ import annotations
 
+import argparse
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import timedelta
@@ -24,6 +25,7 @@ from datetime import timedelta
 import psycopg
 
 from flakectl import api, reference
+from flakectl.dba import options as o
 from flakectl.errors import FlakectlError, NotInstalled, wrap_exceptions
 from flakectl.model import Flake, Snapshot, Summary
 from flakectl.dba.snapshot import read_flakes, read_snapshot, run_outcomes
@@ -212,3 +214,44 @@ def _json_value(value: object) -> object:
     if value is None or isinstance(value, (int, str, bool, float)):
         return value
     return _show(value)
+
+
+# --------------------------------------------------------------------------
+# `flakectl verify`
+# --------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    o.example(parser, "  flakectl verify --repo 1234 --commit 3f2a9c1\n\n"
+                      "Prints `identical` (exit 0) or each difference: row, field, expected, got (exit 1).\n"
+                      "Verify a commit before it is processed: afterwards its uploads are in the ledger\n"
+                      "and there is nothing left to compare. An unknown commit is an error (exit 1).")
+    o.dsn(parser)
+    o.call_options(parser)
+    o.option(parser, "--commit", required=True, metavar="SHA", help="the commit to verify")
+    o.json_flag(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from flakectl.dba.connection import connect
+
+    with connect(args.dsn) as conn:
+        result = verify_commit(conn, args.repo, args.commit,
+                               lookback=args.lookback, expire_after=args.expire_after)
+    if args.json:
+        o.print_json(result.as_json())
+    elif result.identical:
+        s = result.got
+        o.out(f"identical: repository {args.repo}, commit {args.commit}: {s.uploads_processed} uploads,"
+              f" {s.testruns_considered} runs considered, {s.testruns_marked} marked,"
+              f" flakes {s.flakes_created} created / {s.flakes_updated} updated / {s.flakes_expired} expired")
+    else:
+        o.out(f"different: {len(result.differences)} difference(s) between the function and the"
+              f" reference, repository {args.repo}, commit {args.commit}")
+        for difference in result.differences:
+            o.out(f"  {difference}")
+    if result.uploads and not result.got.uploads_processed and not result.expected.uploads_processed:
+        o.err(f"flakectl: the commit's {result.uploads} upload(s) were processed before, so the"
+              " comparison covered nothing; verify a commit before it is processed")
+    o.err("flakectl: rolled back: nothing was changed")
+    return 0 if result.identical else 1

@@ -16,9 +16,11 @@ server and its files are gone afterwards, also after Ctrl-C.
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -28,6 +30,7 @@ import psycopg
 
 from flakectl import api
 from flakectl.dba import migrate
+from flakectl.dba import options as o
 from flakectl.lab.pgserver import ThrowawayServer
 from flakectl.dba.verify import Verification, verify_commit
 
@@ -389,3 +392,29 @@ def _run(conn: psycopg.Connection, size: DemoSize, truth: Truth, progress: Progr
                        f" {time.perf_counter() - started:.1f} s\n")
     read_flakes(conn, tests)
     return report
+
+
+# --------------------------------------------------------------------------
+# `flakectl demo`
+# --------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    o.example(parser, "  flakectl demo\n"
+                      "  flakectl demo --commits 4 --uploads 3 --tests 200   # a small one\n\n"
+                      "Needs the PostgreSQL server binaries (initdb, postgres; FLAKECTL_PG_BIN); leaves\n"
+                      "no server or files behind, also on Ctrl-C.")
+    o.option(parser, "--commits", type=o.positive_int, default=30, metavar="N", help="merged commits")
+    o.option(parser, "--uploads", type=o.positive_int, default=8, metavar="N", env="FLAKECTL_DEMO_UPLOADS",
+             help="uploads (CI jobs) per commit")
+    o.option(parser, "--tests", type=o.positive_int, default=3000, metavar="N", help="tests per upload")
+    o.option(parser, "--flaky-share", type=o.share, default=0.01, metavar="X",
+             help="share of tests that are genuinely flaky")
+    o.option(parser, "--seed", type=o.whole, default=1, metavar="N", help="random seed (same seed, same data)")
+    o.json_flag(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    size = DemoSize(commits=args.commits, uploads=args.uploads, tests=args.tests,
+                    flaky_share=args.flaky_share, seed=args.seed)
+    return run_demo(size, json_output=args.json, out=sys.stdout, err=sys.stderr)

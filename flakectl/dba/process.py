@@ -1,0 +1,59 @@
+"""`flakectl process`: run flakectl.process_commit or process_uploads and
+print the summary row."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+
+from flakectl.dba import options as o
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    o.example(parser, "  flakectl process --repo 1234 --commit 3f2a9c1 --dry-run\n"
+                      "  flakectl process --repo 1234 --uploads 11,12,13 --json")
+    o.dsn(parser)
+    o.call_options(parser)
+    which = parser.add_mutually_exclusive_group()
+    o.option(parser, "--commit", metavar="SHA", group="which", target=which,
+             help="process the commit's processed test_results uploads")
+    o.option(parser, "--uploads", type=o.id_list, metavar="ID,ID,...", group="which", target=which,
+             help="process these upload ids as they are (flakectl.process_uploads)")
+    o.option(parser, "--dry-run", switch=True, help="compute and print the row, write nothing")
+    o.option(parser, "--no-wait", switch=True,
+             help="fail at once if another call holds the repository's lock, instead of waiting")
+    o.json_flag(parser)
+
+
+def summary_lines(summary) -> list[str]:  # noqa: ANN001 - flakectl.model.Summary
+    width = max(len(name) for name in summary.columns())
+    return [f"{name:<{width}}  {getattr(summary, name)}" for name in summary.columns()]
+
+
+def run(args: argparse.Namespace) -> int:
+    from flakectl import api
+    from flakectl.dba.connection import connect
+
+    options = dict(lookback=args.lookback, expire_after=args.expire_after,
+                   dry_run=args.dry_run, wait=not args.no_wait)
+    with connect(args.dsn) as conn:
+        if args.commit is not None:
+            summary = api.process_commit(conn, args.repo, args.commit, **options)
+            what = f"commit {args.commit} of repository {args.repo}"
+        else:
+            summary = api.process_uploads(conn, args.repo, args.uploads, **options)
+            what = f"uploads {','.join(map(str, args.uploads))} of repository {args.repo}"
+    if args.json:
+        o.print_json({**asdict(summary), "dry_run": args.dry_run})
+    else:
+        for line in summary_lines(summary):
+            o.out(line)
+    if summary.uploads_processed == 0 and summary.uploads_skipped == 0:
+        o.err(f"flakectl: nothing to process for {what}: no processed test_results upload"
+              " (check --repo and --commit)")
+    elif summary.uploads_processed == 0:
+        o.err(f"flakectl: nothing to process for {what}: its {summary.uploads_skipped} upload(s)"
+              " were processed before")
+    if args.dry_run:
+        o.err("flakectl: dry run: nothing was written")
+    return 0
