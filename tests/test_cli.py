@@ -193,6 +193,18 @@ def test_top_level_help_lists_the_commands(cli):
      "argument --older-than: invalid duration 'soon': use a number and a unit (w, d, h, m, s),"
      " e.g. 1d, 12h, 30m, 90s, 2w or 1d12h (see `flakectl prune --help`)"),
     (["db", "downgrade"], "the following arguments are required: REV (see `flakectl db downgrade --help`)"),
+    (["verify", "--repo", "99999999999999999999", "--commit", "c1"],
+     "argument --repo: must fit a bigint (-9223372036854775808 to 9223372036854775807),"
+     " got 99999999999999999999 (see `flakectl verify --help`)"),
+    (["process", "--repo", "-99999999999999999999", "--commit", "c1"],
+     "argument --repo: must fit a bigint (-9223372036854775808 to 9223372036854775807),"
+     " got -99999999999999999999 (see `flakectl process --help`)"),
+    (["status", "--limit", "99999999999999999999"],
+     "argument --limit: must be at most 9223372036854775807, got 99999999999999999999"
+     " (see `flakectl status --help`)"),
+    (["status", "--repo", "99999999999999999999"],
+     "argument --repo: must fit a bigint (-9223372036854775808 to 9223372036854775807),"
+     " got 99999999999999999999 (see `flakectl status --help`)"),
     (["demo", "--tests", "0"], "argument --tests: must be at least 1, got 0 (see `flakectl demo --help`)"),
     (["bench", "--uploads", "0"], "argument --uploads: must be at least 1, got 0 (see `flakectl bench --help`)"),
     (["bench", "--shape", "spiky"], "argument --shape: expected one of realistic, uniform, storm, got 'spiky'"

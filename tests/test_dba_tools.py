@@ -226,3 +226,29 @@ def test_infinity_runs_are_read_verified_and_shown(cli, db_url, conn):
     ]
     code, out, _ = cli("status", "--dsn", db_url, "--repo", 1, "--json")
     assert [f["start_date"] for f in json.loads(out)["open_flakes"]] == ["infinity", "infinity"]
+
+
+# --- the command line: db downgrade --drop-data, db sql refusing a downgrade ---------
+# (numbers out of range: tests/test_cli.py's usage errors)
+
+
+def test_cli_downgrade_refuses_then_drops_with_drop_data(cli, db_url, conn):
+    commit_c1(conn)
+    assert cli("process", "--dsn", db_url, "--repo", 1, "--commit", "c1")[0] == 0
+    before = flakes_and_ledger(conn)
+    code, out, err = cli("db", "downgrade", "0001", "--dsn", db_url)
+    assert (code, out, err) == (1, "", f"flakectl: error: {ledger_refusal(4)}\n")
+    assert flakes_and_ledger(conn) == before
+    # the cycle the issue found: processing c1 again counts nothing twice
+    code, out, _ = cli("process", "--dsn", db_url, "--repo", 1, "--commit", "c1", "--json")
+    assert (code, json.loads(out)["uploads_skipped"], json.loads(out)["flakes_updated"]) == (0, 4, 0)
+    assert flakes_and_ledger(conn) == before
+    assert cli("db", "downgrade", "0001", "--drop-data", "--dsn", db_url) == (
+        0, "", f"flakectl: downgraded from {HEAD} to 0001\n")
+    assert flakes_and_ledger(conn) == (before[0], None)
+
+
+def test_cli_db_sql_refuses_a_downgrade_with_exit_2(cli):
+    assert cli("db", "sql", "0002", "--from", "0004") == (
+        2, "", "flakectl: error: 0002 lies below --from 0004: `db sql` prints upgrades only; to downgrade,"
+               " run `flakectl db downgrade 0002` against the database\n")

@@ -141,13 +141,17 @@ def run_upgrade(args: argparse.Namespace) -> int:
 
 
 def add_downgrade_arguments(parser: argparse.ArgumentParser) -> None:
-    o.example(parser, "  flakectl db downgrade 0002")
+    o.example(parser, "  flakectl db downgrade 0002\n\n"
+                      "Refused while a table it would drop holds rows (the ledger below 0002: exactly-once\n"
+                      "would be lost), naming the table and how to keep it; --drop-data drops them anyway.")
     parser.add_argument("revision", metavar="REV")
     o.dsn(parser)
+    o.option(parser, "--drop-data", switch=True,
+             help="drop tables that hold rows (the ledger, the flake archive) instead of refusing")
 
 
 def run_downgrade(args: argparse.Namespace) -> int:
-    before, after = downgrade(args.dsn, args.revision)
+    before, after = downgrade(args.dsn, args.revision, drop_data=args.drop_data)
     o.err(f"flakectl: downgraded from {before or 'nothing'} to {after or 'nothing (flakectl removed)'}"
           if before != after else f"flakectl: already at {after or 'base'}")
     return 0
@@ -173,12 +177,19 @@ def run_current(args: argparse.Namespace) -> int:
 
 def add_sql_arguments(parser: argparse.ArgumentParser) -> None:
     o.example(parser, "  flakectl db sql > flakectl.sql && psql -v ON_ERROR_STOP=1 -f flakectl.sql codecov\n"
-                      "  flakectl db sql head --from 0002   # only what comes after 0002")
+                      "  flakectl db sql head --from 0002   # only what comes after 0002\n\n"
+                      "The script refuses to run (psql -v ON_ERROR_STOP=1 stops, nothing changed) on a\n"
+                      "database that is not at --from (without --from: where flakectl is installed).")
     parser.add_argument("revision", nargs="?", default="head", metavar="REV")
     o.option(parser, "--from", type=str, metavar="REV", dest="start",
              help="the revision the database is at (default: nothing installed)")
 
 
 def run_sql(args: argparse.Namespace) -> int:
-    sys.stdout.write(offline_sql(args.revision, args.start))
+    try:
+        script = offline_sql(args.revision, args.start)
+    except NotAnUpgrade as exc:  # a wrong command line: one line, exit 2
+        o.err(f"{o.PROG}: error: {exc}")
+        return 2
+    sys.stdout.write(script)
     return 0

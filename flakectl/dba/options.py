@@ -168,6 +168,26 @@ def whole(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
 
 
+BIGINT_MAX = 2**63 - 1
+
+
+def bigint(text: str) -> int:
+    """A whole number PostgreSQL's bigint holds (a repository id: the tables'
+    columns are bigint or integer; the function refuses ids outside integer)."""
+    value = whole(text)
+    if not -BIGINT_MAX - 1 <= value <= BIGINT_MAX:
+        raise argparse.ArgumentTypeError(f"must fit a bigint ({-BIGINT_MAX - 1} to {BIGINT_MAX}), got {value}")
+    return value
+
+
+def positive_bigint(text: str) -> int:
+    """1 or more, at most bigint's maximum (a LIMIT)."""
+    value = positive_int(text)
+    if value > BIGINT_MAX:
+        raise argparse.ArgumentTypeError(f"must be at most {BIGINT_MAX}, got {value}")
+    return value
+
+
 def count(text: str) -> int:
     value = whole(text)
     if value < 0:
@@ -223,7 +243,7 @@ def json_flag(parser: argparse.ArgumentParser) -> None:
 def call_options(parser: argparse.ArgumentParser) -> None:
     from flakectl.reference import DEFAULT_EXPIRE_AFTER, DEFAULT_LOOKBACK
 
-    option(parser, "--repo", type=whole, required=True, metavar="ID", help="repository id (commits.repoid)")
+    option(parser, "--repo", type=bigint, required=True, metavar="ID", help="repository id (commits.repoid)")
     option(parser, "--lookback", type=duration, default=DEFAULT_LOOKBACK, metavar="DURATION",
            help=f"ignore runs older than this, e.g. {EXAMPLES}")
     option(parser, "--expire-after", type=positive_int, default=DEFAULT_EXPIRE_AFTER,

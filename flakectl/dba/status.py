@@ -199,8 +199,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.example(parser, "  flakectl status\n"
                       "  flakectl status --repo 1234 --limit 10   # and its open flakes, most failing first")
     o.dsn(parser)
-    o.option(parser, "--repo", type=o.whole, metavar="ID", help="also list this repository's open flakes")
-    o.option(parser, "--limit", type=o.positive_int, default=50, metavar="N", help="list at most N open flakes")
+    o.option(parser, "--repo", type=o.bigint, metavar="ID", help="also list this repository's open flakes")
+    o.option(parser, "--limit", type=o.positive_bigint, default=50, metavar="N", help="list at most N open flakes")
     o.json_flag(parser)
 
 
