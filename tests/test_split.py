@@ -1,0 +1,450 @@
+"""`flakectl split` on two throwaway PostgreSQL servers (SPEC "Deployments").
+
+One pair of servers for the module (M: the main database's server, R: the runs
+database's), a fresh database on each for every test. M starts as a
+one-database deployment (flakectl installed, so its ledger moves with the
+flakes) unless a test makes a Codecov main database without flakectl. Both
+servers log every statement, so the password test can read the logs.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+from datetime import timedelta
+
+import psycopg
+import pytest
+
+import flakectl
+from flakectl.dba import migrate, split
+from flakectl.dba.split import SplitFailed, SplitRefused
+from flakectl.lab.pgserver import ThrowawayServer
+
+from builders import Repo, at
+from conftest import create_database, drop_database
+from sessions import InThread, wait_until
+
+PASSWORD = "s3cret-Link-pw"
+_names = itertools.count()
+FLAKE_COLUMNS = ("id, repoid, test_id, flags_id, recent_passes_count, count, fail_count,"
+                 " start_date, end_date")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    settings = {"log_statement": "all"}
+    with ThrowawayServer(settings=settings) as m, ThrowawayServer(settings=settings) as r:
+        migrate.upgrade(create_database(m, "one_db_template"))
+        codecov = create_database(m, "codecov_template")
+        migrate.upgrade(codecov, "0001")  # Codecov's tables, no flakectl
+        with psycopg.connect(codecov, autocommit=True) as c:
+            c.execute("drop table flakectl.created_table; drop schema flakectl")
+        yield m, r
+
+
+class Dbs:
+    def __init__(self, pair, template: str):
+        self.m_server, self.r_server = pair
+        n = f"{os.getpid()}_{next(_names)}"
+        self.m_name, self.r_name = f"m{n}", f"r{n}"
+        self.m = create_database(self.m_server, self.m_name, template)
+        self.r = create_database(self.r_server, self.r_name)
+        # the DSNs given to split carry a password (trust auth ignores it): it must
+        # reach the user mappings and nothing else
+        self.m_dsn = self.m.replace("postgres@", f"postgres:{PASSWORD}@")
+        self.r_dsn = self.r.replace("postgres@", f"postgres:{PASSWORD}@")
+
+    def split(self, **kwargs) -> tuple[int, list[str]]:
+        lines: list[str] = []
+        code = split.split(self.m_dsn, self.r_dsn, out=lines.append, **kwargs)
+        return code, lines
+
+    def undo(self) -> tuple[int, list[str]]:
+        return self.split(undo=True)
+
+    def drop(self) -> None:
+        drop_database(self.m_server, self.m_name)
+        drop_database(self.r_server, self.r_name)
+
+
+@pytest.fixture
+def dbs(pair):
+    d = Dbs(pair, "one_db_template")
+    yield d
+    d.drop()
+
+
+@pytest.fixture
+def codecov_dbs(pair):
+    d = Dbs(pair, "codecov_template")
+    yield d
+    d.drop()
+
+
+def q(url: str, query: str, params=None) -> list[tuple]:  # noqa: ANN001
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute("set timezone = 'UTC'")
+        cur = c.execute(query, params)
+        return cur.fetchall() if cur.description else []
+
+
+def flakes(url: str, table: str = "test_analytics_flake") -> list[tuple]:
+    return q(url, f"select {FLAKE_COLUMNS} from {table} order by id")
+
+
+def catalog(url: str) -> tuple:
+    """What split may create or change in a database: relations and their kinds and
+    rows, servers, user mappings, extensions, comments, triggers."""
+    rels = q(url, "select n.nspname, c.relname, c.relkind::text, obj_description(c.oid, 'pg_class')"
+                  "  from pg_class c join pg_namespace n on n.oid = c.relnamespace"
+                  " where c.relkind in ('r', 'f', 'p', 'v') and n.nspname not in ('pg_catalog', 'information_schema')"
+                  " order by 1, 2")
+    rows = {f"{s}.{t}": q(url, f'select count(*) from "{s}"."{t}"')[0][0] for s, t, k, _ in rels if k != "f"}
+    return (rels, rows,
+            q(url, "select srvname, srvoptions from pg_foreign_server order by 1"),
+            q(url, "select srvname, usename, umoptions from pg_user_mappings order by 1, 2"),
+            q(url, "select extname from pg_extension order by 1"),
+            q(url, "select tgname from pg_trigger where not tgisinternal order by 1"),
+            q(url, "select nspname from pg_namespace order by 1"))
+
+
+def seed(url: str) -> dict:
+    """M's history: repository 1 with open and expired flakes, an upload in the ledger,
+    and commit `sha2` with a processed upload to process after the split."""
+    with psycopg.connect(url) as c:
+        repo = Repo(c, 1)
+        ids = [repo.flake("a", count=3, fail_count=2, rpc=1), repo.flake("b", end=at(-1), flags_id=b"fl"),
+               repo.flake("c", count=2, fail_count=2)]
+        Repo(c, 2).flake("a")
+        done = repo.upload("sha1")
+        c.execute("insert into flakectl.processed_upload (upload_id, repo_id, commit_sha) values (%s, 1, 'sha1')",
+                  (done,))
+        up = repo.upload("sha2")
+        c.commit()
+    return {"flake_ids": ids, "done": done, "upload": up}
+
+
+def add_runs(url: str, upload: int, *runs: tuple[str, str, int]) -> None:
+    with psycopg.connect(url) as c:
+        Repo(c, 1).runs(upload, *[(t, o, at(m)) for t, o, m in runs])
+
+
+# --------------------------------------------------------------------------
+# split, process, undo, split again
+# --------------------------------------------------------------------------
+
+
+def test_split_moves_flakes_and_ledger_and_undo_brings_them_back(dbs):
+    s = seed(dbs.m)
+    before = flakes(dbs.m)
+    ledger_before = q(dbs.m, "select * from flakectl.processed_upload order by 1")
+
+    code, lines = dbs.split()
+    assert code == 0
+    assert [line.split(" ", 1)[0] for line in lines] == [f"[{n}/9]" for n in range(1, 10)] + ["split"]
+    assert lines[5].startswith("[6/9] main: writers of test_analytics_flake stopped (readers go on); copied 4"
+                               " flake(s) with their ids and 1 processed_upload row(s) to the runs database")
+    assert lines[8].startswith("[9/9] verified: 4 flake(s), md5 ")
+
+    # M: the old table renamed, a read-only foreign table in its place, same rows
+    kinds = dict((t, k) for _, t, k, _ in catalog(dbs.m)[0] if t.startswith("test_analytics_flake"))
+    assert kinds == {"test_analytics_flake": "f", "test_analytics_flake_pre_split": "r"}
+    assert flakes(dbs.m) == before == flakes(dbs.r) == flakes(dbs.m, "test_analytics_flake_pre_split")
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="does not allow updates"):
+        q(dbs.m, "update test_analytics_flake set count = 0")
+    # R: the ledger moved, the reports are read-only foreign tables, the sequence past the ids
+    assert q(dbs.r, "select * from flakectl.processed_upload order by 1") == ledger_before
+    assert q(dbs.r, "select c.relname, c.relkind::text from pg_class c where relname in"
+                    " ('commits', 'reports_commitreport', 'reports_upload', 'ta_timeseries_testrun') order by 1") == [
+        ("commits", "f"), ("reports_commitreport", "f"), ("reports_upload", "f"), ("ta_timeseries_testrun", "r")]
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="does not allow inserts"):
+        q(dbs.r, "insert into commits (commitid, repoid) values ('x', 1)")
+    assert q(dbs.r, "select nextval(pg_get_serial_sequence('test_analytics_flake', 'id'))")[0][0] > max(
+        f[0] for f in before)
+
+    # processing happens in R: process_commit reads M's reports across the link
+    add_runs(dbs.r, s["upload"], ("a", "failure", 10), ("c", "pass", 10), ("d", "failure", 10))
+    with psycopg.connect(dbs.r) as c:
+        summary = flakectl.process_commit(c, 1, "sha2")
+        assert (summary.uploads_processed, summary.flakes_created, summary.flakes_updated) == (1, 1, 2)
+        assert flakectl.process_commit(c, 1, "sha1").uploads_skipped == 1  # the moved ledger
+    after = flakes(dbs.r)
+    assert flakes(dbs.m) == after and len(after) == 5  # M reads what R wrote
+
+    code, lines = dbs.undo()
+    assert code == 0
+    assert [line.split(" ", 1)[0] for line in lines] == [f"[{n}/5]" for n in range(1, 6)] + ["undone:"]
+    assert lines[1] == ("[2/5] main: copied 5 flake(s) with their ids back from the runs database, and 1"
+                        " processed_upload row(s) not there yet")
+    kinds = dict((t, k) for _, t, k, _ in catalog(dbs.m)[0] if t.startswith("test_analytics_flake"))
+    assert kinds == {"test_analytics_flake": "r"}
+    assert flakes(dbs.m) == after
+    assert q(dbs.m, "select upload_id from flakectl.processed_upload order by 1") == [
+        (s["done"],), (s["upload"],)]
+    assert q(dbs.m, "select srvname from pg_foreign_server") == []
+    # the next id in M follows the ids written in R
+    assert q(dbs.m, "select nextval(pg_get_serial_sequence('test_analytics_flake', 'id'))")[0][0] > max(
+        f[0] for f in after)
+    # a call in R fails clearly until the next split, and changes nothing
+    r_state = (flakes(dbs.r), q(dbs.r, "select * from flakectl.processed_upload order by 1"))
+    with psycopg.connect(dbs.r) as c, pytest.raises(flakectl.FlakectlError,
+                                                    match="moved back to the main database by `flakectl split --undo`"):
+        flakectl.process_uploads(c, 1, [77])
+    assert (flakes(dbs.r), q(dbs.r, "select * from flakectl.processed_upload order by 1")) == r_state
+
+    # and a later split works again, with what M wrote meanwhile
+    with psycopg.connect(dbs.m) as c:
+        Repo(c, 3).flake("z")
+    code, lines = dbs.split()
+    assert code == 0, lines
+    assert flakes(dbs.m) == flakes(dbs.r) == flakes(dbs.m, "test_analytics_flake_pre_split")
+    assert len(flakes(dbs.r)) == 6
+    with psycopg.connect(dbs.r) as c:
+        assert flakectl.process_uploads(c, 1, [77]).uploads_processed == 1
+
+
+def test_split_again_changes_nothing_and_says_so(dbs):
+    seed(dbs.m)
+    assert dbs.split()[0] == 0
+    before = catalog(dbs.m), catalog(dbs.r)
+    code, lines = dbs.split()
+    assert code == 0
+    assert len(lines) == 1 and lines[0].startswith("already split: the main database reads its 4 flake(s) from the"
+                                                   " runs database") and lines[0].endswith("; nothing changed")
+    assert (catalog(dbs.m), catalog(dbs.r)) == before
+    code, lines = dbs.undo()
+    code, lines = dbs.undo()
+    assert lines == ["not split: the main database's test_analytics_flake is a regular table; nothing changed"]
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(dbs):
+    seed(dbs.m)
+    before = catalog(dbs.m), catalog(dbs.r)
+    code, lines = dbs.split(dry_run=True)
+    assert code == 0
+    assert len(lines) == 10 and lines[-1] == "dry run: nothing was changed"
+    assert lines[5] == ("[6/9] main: lock test_analytics_flake against writers (readers go on), copy its 4 row(s)"
+                        " with their ids and flakectl.processed_upload")
+    assert (catalog(dbs.m), catalog(dbs.r)) == before
+
+
+def test_codecov_main_database_without_flakectl(codecov_dbs):
+    """Codecov's own main database: no flakectl there; the runs database gets it."""
+    d = codecov_dbs
+    with psycopg.connect(d.m) as c:
+        c.execute("create role codecov_reader")
+        c.execute("grant select, insert, update on test_analytics_flake to codecov_reader")
+        fid = Repo(c, 1).flake("a")
+    code, lines = d.split()
+    assert code == 0, lines
+    assert "(select granted to codecov_reader)" in lines[7]
+    assert q(d.m, "select has_table_privilege('codecov_reader', 'test_analytics_flake', 'select'),"
+                  " has_table_privilege('codecov_reader', 'test_analytics_flake', 'insert')") == [(True, False)]
+    assert [f[0] for f in flakes(d.m)] == [fid]
+    assert q(d.r, "select version_num from alembic_version") == [(migrate.head(),)]
+
+
+# --------------------------------------------------------------------------
+# Credentials of the link
+# --------------------------------------------------------------------------
+
+
+def test_password_reaches_the_user_mappings_only(dbs, pair):
+    seed(dbs.m)
+    code, lines = dbs.split()
+    assert code == 0
+    assert q(dbs.r, "select srvname, umoptions from pg_user_mappings") == [
+        ("flakectl_main", ["user=postgres", f"password={PASSWORD}"])]
+    assert q(dbs.m, "select srvname, umoptions from pg_user_mappings") == [
+        ("flakectl_runs", ["user=postgres", f"password={PASSWORD}"])]
+    assert not any(PASSWORD in line for line in lines)
+    logs = [p for server in pair for p in glob.glob(os.path.join(server.base_dir, "*.log"))]
+    assert logs
+    for path in logs:
+        with open(path, encoding="utf-8", errors="replace") as log:
+            text = log.read()
+        assert PASSWORD not in text, path
+        assert "postgres_fdw" in text  # the servers do log statements
+
+
+# --------------------------------------------------------------------------
+# Refusals: one line, nothing changed
+# --------------------------------------------------------------------------
+
+
+def _refused(d: Dbs, match: str, **kwargs) -> str:
+    before = catalog(d.m), catalog(d.r)
+    with pytest.raises(SplitRefused) as info:
+        d.split(**kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("split refused, nothing was changed: ")
+    assert match in message, message
+    assert (catalog(d.m), catalog(d.r)) == before
+    return message
+
+
+def test_refuses_the_same_database(dbs):
+    before = catalog(dbs.m)
+    with pytest.raises(SplitRefused, match="--main-dsn and --runs-dsn name the same database"):
+        split.split(dbs.m, dbs.m_dsn, out=lambda line: None)
+    assert catalog(dbs.m) == before
+
+
+def test_refuses_a_main_database_without_flakes(dbs):
+    q(dbs.m, "drop table test_analytics_flake")
+    _refused(dbs, "has no public.test_analytics_flake and no split of its own in progress; nothing to split")
+
+
+def test_refuses_runs_database_holding_other_flakes(dbs):
+    seed(dbs.m)
+    migrate.upgrade(dbs.r)
+    with psycopg.connect(dbs.r) as c:
+        Repo(c, 9).flake("other")
+    _refused(dbs, "already holds 1 flake(s) and 0 ledger row(s) that did not come from this main database")
+
+
+def test_refuses_runs_database_with_local_reports(dbs):
+    seed(dbs.m)
+    migrate.upgrade(dbs.r)  # flakectl installed first: 0001 made local reports tables
+    _refused(dbs, "has a local public.commits; in the split layout it must read the main database's")
+
+
+def test_refuses_runs_database_of_another_split(dbs, pair):
+    seed(dbs.m)
+    assert dbs.split()[0] == 0
+    other = Dbs(pair, "one_db_template")
+    try:
+        seed(other.m)
+        other.r, other.r_dsn = dbs.r, dbs.r_dsn
+        _refused(other, "already holds 4 flake(s) and 1 ledger row(s) that did not come from this main database")
+    finally:
+        drop_database(other.m_server, other.m_name)
+        drop_database(other.r_server, other.r_name)
+
+
+def test_undo_refuses_a_runs_database_that_is_not_the_split_one(dbs, pair):
+    seed(dbs.m)
+    assert dbs.split()[0] == 0
+    other_r = create_database(pair[1], dbs.r_name + "x")
+    try:
+        before = catalog(dbs.m)
+        with pytest.raises(SplitRefused, match="does not hold this main database's flakes"):
+            split.split(dbs.m_dsn, other_r, undo=True, out=lambda line: None)
+        assert catalog(dbs.m) == before
+    finally:
+        drop_database(pair[1], dbs.r_name + "x")
+
+
+# --------------------------------------------------------------------------
+# Interrupted, then run again
+# --------------------------------------------------------------------------
+
+
+# 1-3: only R changed; 4: R installed; 5: M linked; 6-8: inside M's uncommitted swap
+@pytest.mark.parametrize("step", [2, 4, 5, 6, 8])
+def test_split_stopped_after_any_step_is_finished_by_a_rerun(dbs, monkeypatch, step):
+    seed(dbs.m)
+    before = flakes(dbs.m)
+    monkeypatch.setenv(split.STOP_ENV, str(step))
+    with pytest.raises(split.Stopped, match=f"stopped after step {step}"):
+        dbs.split()
+    # nothing of M's flakes has changed yet: the swap commits with step 9
+    assert q(dbs.m, "select relkind::text from pg_class where relname = 'test_analytics_flake'") == [("r",)]
+    assert flakes(dbs.m) == before
+    with psycopg.connect(dbs.m) as c:  # M's writers went on meanwhile
+        Repo(c, 5).flake("meanwhile")
+    monkeypatch.delenv(split.STOP_ENV)
+    code, lines = dbs.split()
+    assert code == 0, lines
+    assert flakes(dbs.m) == flakes(dbs.r) == flakes(dbs.m, "test_analytics_flake_pre_split")
+    assert len(flakes(dbs.r)) == 5
+
+
+# 1: R's calls stopped; 2-4: inside M's uncommitted transaction
+@pytest.mark.parametrize("step", [1, 4])
+def test_undo_stopped_after_any_step_is_finished_by_a_rerun(dbs, monkeypatch, step):
+    s = seed(dbs.m)
+    assert dbs.split()[0] == 0
+    add_runs(dbs.r, s["upload"], ("d", "failure", 10))
+    with psycopg.connect(dbs.r) as c:
+        flakectl.process_commit(c, 1, "sha2")
+    want = flakes(dbs.r)
+    monkeypatch.setenv(split.STOP_ENV, str(step))
+    with pytest.raises(split.Stopped):
+        dbs.undo()
+    # still split; R's calls are stopped meanwhile
+    assert flakes(dbs.m) == want
+    with psycopg.connect(dbs.r) as c, pytest.raises(flakectl.FlakectlError, match="split --undo"):
+        flakectl.process_uploads(c, 1, [77])
+    with pytest.raises(SplitRefused, match="an undo was started and did not finish"):
+        dbs.split()
+    monkeypatch.delenv(split.STOP_ENV)
+    code, lines = dbs.undo()
+    assert code == 0, lines
+    assert q(dbs.m, "select relkind::text from pg_class where relname = 'test_analytics_flake'") == [("r",)]
+    assert flakes(dbs.m) == want
+
+
+# --------------------------------------------------------------------------
+# Failure behaviour
+# --------------------------------------------------------------------------
+
+
+def test_writer_of_the_main_flake_table_waits_then_fails_and_nothing_is_lost(dbs):
+    seed(dbs.m)
+    before = flakes(dbs.m)
+    writer: list[InThread] = []
+
+    def insert(conn: psycopg.Connection) -> None:
+        conn.execute("insert into test_analytics_flake (repoid, test_id, recent_passes_count, count,"
+                     " fail_count, start_date) values (1, 'late', 0, 1, 1, now())")
+        conn.commit()
+
+    def out(line: str) -> None:
+        if line.startswith("[6/9]"):  # M's flake table is locked against writers now
+            writer.append(InThread(dbs.m, "late_writer", insert))
+            with psycopg.connect(dbs.m, autocommit=True) as monitor:
+                wait_until(monitor, "late_writer", "Lock", "relation")
+            # a reader goes on meanwhile
+            assert flakes(dbs.m) == before
+
+    assert split.split(dbs.m_dsn, dbs.r_dsn, out=out) == 0
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState,
+                       match='foreign table "test_analytics_flake" does not allow inserts'):
+        writer[0].join()
+    assert flakes(dbs.m) == flakes(dbs.r) == before
+
+
+def _restart(server: ThrowawayServer) -> None:
+    server._pg.start()  # noqa: SLF001 - same data directory and port
+
+
+def test_main_database_down(dbs, pair):
+    s = seed(dbs.m)
+    assert dbs.split()[0] == 0
+    add_runs(dbs.r, s["upload"], ("a", "failure", 10))
+    add_runs(dbs.r, 4242, ("e", "failure", 11))
+    state = flakes(dbs.r), q(dbs.r, "select * from flakectl.processed_upload order by 1"), \
+        q(dbs.r, "select outcome from ta_timeseries_testrun order by upload_id")
+    m_server = pair[0]
+    m_server._pg.terminate()  # noqa: SLF001 - M goes down (fast shutdown)
+    try:
+        with psycopg.connect(dbs.r) as c:
+            with pytest.raises(flakectl.FlakectlError, match='could not connect to server "flakectl_main"') as info:
+                flakectl.process_commit(c, 1, "sha2")
+            assert info.value.sqlstate == "08001"
+            c.rollback()
+            assert (flakes(dbs.r), q(dbs.r, "select * from flakectl.processed_upload order by 1"),
+                    q(dbs.r, "select outcome from ta_timeseries_testrun order by upload_id")) == state
+            # the worker that holds its upload ids goes on
+            summary = flakectl.process_uploads(c, 1, [4242])
+            c.commit()
+        assert (summary.uploads_processed, summary.flakes_created, summary.testruns_marked) == (1, 1, 1)
+    finally:
+        _restart(m_server)
+    with psycopg.connect(dbs.r) as c:
+        assert flakectl.process_commit(c, 1, "sha2").uploads_processed == 1
+    assert flakes(dbs.m) == flakes(dbs.r)
