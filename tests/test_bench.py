@@ -10,7 +10,7 @@ import json
 import psycopg
 import pytest
 
-from flakectl.lab import bench, benchdata
+from flakectl.lab import bench, benchdata, benchfleet
 
 TINY = ["--uploads", "3", "--tests", "200", "--other-rows", "2000", "--repeat", "1"]
 
@@ -105,3 +105,36 @@ def test_statements_needs_pg_stat_statements(db_url):
     code, out, err = run_bench("--dsn", db_url, *TINY, "--statements", "1")
     assert code == 1 and out == ""
     assert err.splitlines()[-1].startswith("flakectl: error: --statements: ")
+
+
+def test_fleet(db_url, monkeypatch):
+    monkeypatch.setattr(benchfleet, "FLEET_CLASSES", (("tiny", 50, 1, 20), ("small", 25, 2, 50),
+                                                      ("large", 25, 3, 200)))
+    code, out, err = run_bench("--dsn", db_url, "--fleet", "--fleet-commits", "8", "--fleet-k", "1,3",
+                               "--other-rows", "500", "--json")
+    assert code == 0, err
+    fleet = json.loads(out)["fleet"]
+    assert fleet["problems"] == []
+    assert [c["size"] for c in fleet["commits"]].count("tiny") == 4
+    assert sorted(c["index"] for c in fleet["commits"]) == list(range(8))
+    assert [(r["k"], r["path"]) for r in fleet["runs"]] == [(1, "A"), (1, "B"), (3, "A"), (3, "B")]
+    for r in fleet["runs"]:
+        assert r["commits"] == 8
+        assert r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] <= r["max_ms"]
+        assert r["lock_waits_other_repo"] == 0
+    # text: the table and the verdict
+    code, out, err = run_bench("--dsn", db_url, "--fleet", "--fleet-commits", "3", "--fleet-k", "1",
+                               "--other-rows", "0")
+    assert code == 0, err
+    assert "| K | A commits/s | B commits/s | A/B throughput |" in out
+    assert out.rstrip().endswith("no lock waits between different repositories")
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("select to_regnamespace(%s)", (benchdata.SCHEMA,)).fetchone()[0] is None
+
+
+@pytest.mark.parametrize("value", ["0,2", "1,x", ""])
+def test_fleet_k_is_checked(value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_bench("--fleet", "--fleet-k", value)
+    assert exc.value.code == 2
+    assert "argument --fleet-k: " in capsys.readouterr().err

@@ -54,7 +54,7 @@ from typing import TextIO
 import psycopg
 
 from flakectl.dba import migrate
-from flakectl.lab import benchdata, workerpath
+from flakectl.lab import benchdata, benchfleet, workerpath
 from flakectl.lab.benchdata import COMMIT_SHA, REPO_ID, SCHEMA, Workload
 from flakectl.lab.plans import nested_plans
 from flakectl.lab.pgserver import ThrowawayServer
@@ -77,6 +77,9 @@ WORKER_REPEAT = 3
 #: relevant rows are held fixed: 50 flaky tests and 50 open flakes.
 SIZES = (200, 2_000, 20_000, 40_000)
 SIZES_FLAKY, SIZES_OPEN = 50, 50
+#: --suite: the shapes of issue 13's targets, (shape, uploads, tests)
+SUITE = (("realistic", 50, 20_000), ("uniform", 50, 20_000), ("storm", 50, 2_000),
+         ("realistic", 5, 5_000), ("realistic", 2, 1_000))
 PATHS = ("A", "B", "C", "W")
 PATH_NAMES = {"A": "A function", "B": "B worker path", "C": "C read floor", "W": "W write floor"}
 PROTOCOL = (
@@ -498,6 +501,18 @@ def describe(o: Outcome) -> list[str]:
     return out
 
 
+def suite_table(outcomes: list[Outcome]) -> list[str]:
+    out = ["| commit | runs | A ms | C ms | W ms | B ms | B/A | A/C | A/W |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for o in outcomes:
+        w = o.workload
+        med = {p: o.stats[p].median() * 1000 for p in PATHS}
+        out.append(f"| {w.shape} {w.uploads} x {w.tests:,} | {o.runs:,} | {med['A']:,.1f} | {med['C']:,.1f}"
+                   f" | {med['W']:,.1f} | {med['B']:,.1f} | {o.b_over_a:,.1f}x | {o.a_over_c:.2f}"
+                   f" | {o.a_over_w:.2f} |")
+    return out
+
+
 def sizes_table(outcomes: list[Outcome]) -> list[str]:
     out = ["| runs in commit | tests x uploads | rows considered | A median | A vs previous"
            " | B median | C median | W median | B/A | A/C | A/W | A buffers | A peak memory |",
@@ -541,6 +556,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", action="store_true",
                         help="scaling table: 50 uploads x 200/2000/20000/40000 tests, 50 flaky tests,"
                              " 50 open flakes (10k to 2M runs)")
+    parser.add_argument("--suite", action="store_true",
+                        help="issue 13's shapes in one run: realistic and uniform 50 x 20000,"
+                             " storm 50 x 2000, realistic 5 x 5000 and 2 x 1000 (--other-rows each)")
+    parser.add_argument("--fleet", action="store_true",
+                        help="K worker processes (--fleet-k) over a stream of --fleet-commits commits of"
+                             " mixed sizes, one repository each, with A and with B: commits/s,"
+                             " latency percentiles, lock waits between repositories")
+    parser.add_argument("--fleet-commits", type=int, default=100,
+                        help="commits in the fleet's stream (default 100)")
+    parser.add_argument("--fleet-k", type=_ks, default=",".join(map(str, benchfleet.FLEET_K)),
+                        help="worker counts, comma-separated (default 1,2,4,8)")
     parser.add_argument("--explain", action="store_true",
                         help="also print the function's statements as they ran (auto_explain)")
     parser.add_argument("--statements", type=int, default=0, metavar="N",
@@ -551,10 +577,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def _ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(k) for k in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of worker counts: {text!r}") from None
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"worker counts must be at least 1: {text!r}")
+    return ks
+
+
 def workloads(args: argparse.Namespace) -> list[Workload]:
     base = Workload(shape=args.shape, uploads=args.uploads, tests=args.tests,
                     flaky_tests=args.flaky_tests, open_flakes=args.open_flakes,
                     other_rows=args.other_rows, seed=args.seed)
+    if args.suite:
+        return [replace(base, shape=shape, uploads=u, tests=t) for shape, u, t in SUITE]
     if not args.sizes:
         return [base]
     return [replace(base, tests=t, flaky_tests=SIZES_FLAKY, open_flakes=SIZES_OPEN) for t in SIZES]
@@ -584,7 +622,7 @@ def _is_local(url: str) -> bool:
     return host in ("", "localhost", "127.0.0.1", "::1") or host.startswith("/")
 
 
-def bench(url: str, args: argparse.Namespace, *, local: bool, err: TextIO) -> tuple[list[Outcome], dict]:
+def bench(url: str, args: argparse.Namespace, *, local: bool, err: TextIO) -> tuple[list[Outcome], dict, tuple | None]:
     def say(text: str) -> None:
         err.write(f"flakectl bench: {text}\n")
         err.flush()
@@ -603,6 +641,15 @@ def bench(url: str, args: argparse.Namespace, *, local: bool, err: TextIO) -> tu
         benchdata.use_schema(admin)
         outcomes = []
         try:
+            if args.fleet:
+                commits = benchfleet.stream(args.fleet_commits, args.seed)
+                say(f"generating the fleet: {len(commits)} commits, {sum(c.runs for c in commits):,} runs"
+                    f" + {args.other_rows:,} other rows")
+                started = time.perf_counter()
+                benchdata.generate_fleet(admin, commits, args.other_rows, args.seed)
+                say(f"generated in {time.perf_counter() - started:.1f} s")
+                runs = benchfleet.fleet(url, commits, tuple(args.fleet_k), say=say)
+                return [], env, (commits, runs)
             for w in workloads(args):
                 say(f"generating {w.shape}: {w.uploads} uploads x {w.tests:,} tests"
                     f" + {w.other_rows:,} other rows")
@@ -616,7 +663,7 @@ def bench(url: str, args: argparse.Namespace, *, local: bool, err: TextIO) -> tu
         finally:
             if not (args.keep and args.dsn):
                 benchdata.drop_schema(admin)
-    return outcomes, env
+    return outcomes, env, None
 
 
 def _memory_gb() -> float | None:
@@ -635,18 +682,20 @@ def run(args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | No
         return 2
     try:
         if args.dsn:
-            outcomes, env = bench(args.dsn, args, local=_is_local(args.dsn), err=err)
+            outcomes, env, fleet = bench(args.dsn, args, local=_is_local(args.dsn), err=err)
         else:
             err.write("flakectl bench: starting a throwaway PostgreSQL\n")
             with ThrowawayServer(settings=SERVER_SETTINGS) as server:
                 migrate.upgrade(server.url)
-                outcomes, env = bench(server.url, args, local=True, err=err)
+                outcomes, env, fleet = bench(server.url, args, local=True, err=err)
     except psycopg.errors.ObjectNotInPrerequisiteState as exc:  # pg_stat_statements not preloaded
         err.write(f"flakectl: error: --statements: {str(exc).splitlines()[0]}\n")
         return 1
     except (BenchError, ValueError) as exc:
         err.write(f"flakectl: error: {exc}\n")
         return 1
+    if fleet:
+        return _report_fleet(args, env, *fleet, out=out)
     if args.json:
         out.write(json.dumps({"environment": env, "protocol": PROTOCOL, "repeat": args.repeat,
                               "worker_repeat": min(args.worker_repeat, args.repeat),
@@ -663,9 +712,30 @@ def run(args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | No
             lines += o.explain + ([""] if o.explain else [])
         if args.sizes:
             lines += ["scaling (relevant rows held fixed):", "", *sizes_table(outcomes)]
+        if args.suite:
+            lines += ["", "medians, side by side per shape:", "", *suite_table(outcomes), ""]
         lines.append(PROTOCOL + ".")
         out.write("\n".join(lines) + "\n")
     return 0 if all(o.agree for o in outcomes) else 1
+
+
+def _report_fleet(args: argparse.Namespace, env: dict, commits: list, runs: list, *, out: TextIO) -> int:
+    problems = benchfleet.problems(runs)
+    if args.json:
+        out.write(json.dumps({"environment": env, "fleet": {
+            "commits": [asdict(c) for c in commits], "other_rows": args.other_rows, "seed": args.seed,
+            "runs": [r.as_json() for r in runs], "problems": problems}}, indent=2) + "\n")
+    else:
+        s = env["settings"]
+        lines = [f"flakectl bench --fleet: PostgreSQL {env['server_version']}, {env['nproc']} CPUs,"
+                 f" {env['memory_gb']} GB RAM; shared_buffers {s.get('shared_buffers')},"
+                 f" work_mem {s.get('work_mem')}, jit {s.get('jit')}", "",
+                 *benchfleet.describe(commits, args.other_rows, args.seed, runs), "",
+                 "A and B report the same counters for every commit, and no lock waits between"
+                 " different repositories" if not problems else "PROBLEMS:",
+                 *[f"  ! {p}" for p in problems]]
+        out.write("\n".join(lines) + "\n")
+    return 1 if problems else 0
 
 
 # `flakectl bench` (cli.py: "flakectl.lab.bench:cli"): add_arguments' options under the
@@ -678,10 +748,14 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     o.example(parser,
               "  flakectl bench --uploads 5 --tests 2000 --other-rows 0   # a small one\n"
               "  flakectl bench --shape storm --json\n"
-              "  flakectl bench --dsn postgresql://postgres@localhost/scratch --keep\n\n"
+              "  flakectl bench --dsn postgresql://postgres@localhost/scratch --keep\n"
+              "  flakectl bench --suite --statements 10   # issue 13's five shapes, A, B, C, W\n"
+              "  flakectl bench --fleet                   # K = 1, 2, 4, 8 workers, A and B\n\n"
+              "A is the function, B the worker's Python path, C the read floor, W the write\n"
+              "floor (C plus the marking UPDATE alone).\n"
               "Without --dsn on a throwaway PostgreSQL (server binaries needed, as for demo). The\n"
               "default size is 1M runs in the commit plus 1M other rows: slow to generate, and on\n"
-              "2 CPUs each call of B alone takes about 6 s. With --dsn, in a scratch schema\n"
+              "2 CPUs each call of B alone takes about 10 s. With --dsn, in a scratch schema\n"
               "flakectl_bench of that database, which must have flakectl installed;\n"
               "$FLAKECTL_DATABASE_URL is not read, so the bench never writes to a database nobody\n"
               "named for it. Every call is rolled back. Exit 1 when A and B leave different\n"

@@ -93,7 +93,7 @@ def _params(w: Workload) -> dict:
         "retry": 0.5 if w.shape == "realistic" else 0.0,
         "open_lo": first_open, "open_hi": min(w.tests, first_open + w.open_flakes - 1),
         "other": w.other_rows, "other_per_upload": OTHER_TESTS_PER_UPLOAD,
-        "base": UPLOAD_BASE, "other_base": OTHER_UPLOAD_BASE,
+        "base": UPLOAD_BASE, "other_base": OTHER_UPLOAD_BASE, "n": 1,
     }
 
 
@@ -103,6 +103,37 @@ create function flakectl_bench.rand(a bigint, b bigint, salt integer, seed bigin
 returns float8 language sql immutable parallel safe
 as $$ select (hashint8extended(a, hashint8extended(b, seed * 101 + salt)) & 4503599627370495)::float8
              / 4503599627370496.0 $$
+"""
+
+_INSERT_RUNS = """
+    insert into ta_timeseries_testrun
+      (timestamp, test_id, name, classname, testsuite, computed_name, outcome, duration_seconds,
+       failure_message, framework, filename, repo_id, commit_sha, branch, flags, upload_id)
+"""
+# CI retries: a passing re-run of some failures of the commit(s), same upload,
+# same timestamp (run before the other commits' rows exist)
+_RETRIES = _INSERT_RUNS + """
+    select r.timestamp, r.test_id, r.name, r.classname, r.testsuite, r.computed_name, 'pass',
+           r.duration_seconds, null, r.framework, r.filename, r.repo_id, r.commit_sha, r.branch,
+           r.flags, r.upload_id
+      from ta_timeseries_testrun r
+      join bench_test t on t.test_id = r.test_id
+     where r.upload_id < %(other_base)s and r.outcome in ('failure', 'error')
+       and flakectl_bench.rand(r.upload_id, t.n, 2, %(seed)s) < %(retry)s
+"""
+# other commits (ids above %(n)s, the bench's own commits): 1%% failures
+_OTHER_RUNS = _INSERT_RUNS + """
+    select c.timestamp, t.test_id, t.name, t.classname, 'bench', t.filename || '::' || t.name,
+           case when flakectl_bench.rand(u.id, t.n, 3, %(seed)s) < 0.01 then 'failure' else 'pass' end,
+           0.01 + (t.n %% 50) / 100.0, null, 'pytest', t.filename, c.repoid, c.commitid, 'main',
+           array['unit'], u.id
+      from reports_upload u
+      join commits c on c.id = u.report_id
+      cross join lateral (
+        select * from bench_test t
+         where t.n <= least(%(other_per_upload)s, %(other)s - (c.id - %(n)s - 1) * %(other_per_upload)s)
+      ) t
+     where u.report_id > %(n)s
 """
 
 _GENERATE = [
@@ -137,10 +168,7 @@ _GENERATE = [
     select %(other_base)s + id - 2, id, 'processed', timestamp from commits where id > 1
     """,
     # the commit: every test once per upload, at the upload's timestamp
-    """
-    insert into ta_timeseries_testrun
-      (timestamp, test_id, name, classname, testsuite, computed_name, outcome, duration_seconds,
-       failure_message, framework, filename, repo_id, commit_sha, branch, flags, upload_id)
+    _INSERT_RUNS + """
     select u.created_at, t.test_id, t.name, t.classname, 'bench', t.filename || '::' || t.name,
            case when x.r < t.p then (case when x.r < t.p / 10 then 'error' else 'failure' end)
                 when t.n %% 97 = 0 then 'skip' else 'pass' end,
@@ -152,36 +180,8 @@ _GENERATE = [
       cross join lateral (select flakectl_bench.rand(u.id, t.n, 1, %(seed)s) as r) x
      where u.report_id = 1 and t.n <= %(tests)s
     """,
-    # CI retries: a passing re-run of some failures, same upload, same timestamp
-    """
-    insert into ta_timeseries_testrun
-      (timestamp, test_id, name, classname, testsuite, computed_name, outcome, duration_seconds,
-       failure_message, framework, filename, repo_id, commit_sha, branch, flags, upload_id)
-    select r.timestamp, r.test_id, r.name, r.classname, r.testsuite, r.computed_name, 'pass',
-           r.duration_seconds, null, r.framework, r.filename, r.repo_id, r.commit_sha, r.branch,
-           r.flags, r.upload_id
-      from ta_timeseries_testrun r
-      join bench_test t on t.test_id = r.test_id
-     where r.commit_sha = %(sha)s and r.outcome in ('failure', 'error')
-       and flakectl_bench.rand(r.upload_id, t.n, 2, %(seed)s) < %(retry)s
-    """,
-    # other commits of this repository and of others: 1%% failures
-    """
-    insert into ta_timeseries_testrun
-      (timestamp, test_id, name, classname, testsuite, computed_name, outcome, duration_seconds,
-       failure_message, framework, filename, repo_id, commit_sha, branch, flags, upload_id)
-    select c.timestamp, t.test_id, t.name, t.classname, 'bench', t.filename || '::' || t.name,
-           case when flakectl_bench.rand(u.id, t.n, 3, %(seed)s) < 0.01 then 'failure' else 'pass' end,
-           0.01 + (t.n %% 50) / 100.0, null, 'pytest', t.filename, c.repoid, c.commitid, 'main',
-           array['unit'], u.id
-      from reports_upload u
-      join commits c on c.id = u.report_id
-      cross join lateral (
-        select * from bench_test t
-         where t.n <= least(%(other_per_upload)s, %(other)s - (c.id - 2) * %(other_per_upload)s)
-      ) t
-     where u.report_id > 1
-    """,
+    _RETRIES,
+    _OTHER_RUNS,
     # open flakes: rpc 0..29, some with flags; half on flaky tests, half on passing ones
     """
     insert into test_analytics_flake
@@ -232,7 +232,118 @@ def generate(conn: psycopg.Connection, workload: Workload) -> None:
     """Empty the scratch tables and write `workload` into them (autocommit
     connection, search_path set by use_schema). The testrun indexes are
     dropped while loading and rebuilt from their own definitions."""
-    params = _params(workload)
+    _load(conn, _GENERATE, _params(workload))
+
+
+# --------------------------------------------------------------------------
+# The fleet: many repositories, one commit each, of mixed sizes
+# --------------------------------------------------------------------------
+
+#: The fleet's repositories: FLEET_REPO_BASE + i for commit i (one commit each).
+FLEET_REPO_BASE = 910000000
+#: Upload ids of fleet commit i: UPLOAD_BASE + FLEET_UPLOAD_STRIDE * (i + 1) + u, u = 1..uploads.
+FLEET_UPLOAD_STRIDE = 100
+FLEET_OPEN_FLAKES = 5  # open flakes per repository before its commit
+
+
+@dataclass(frozen=True)
+class FleetCommit:
+    index: int
+    size: str  # the size class's name
+    uploads: int
+    tests: int
+
+    @property
+    def repo(self) -> int:
+        return FLEET_REPO_BASE + self.index
+
+    @property
+    def sha(self) -> str:
+        return f"fleet{self.index:035d}"
+
+    @property
+    def runs(self) -> int:
+        return self.uploads * self.tests
+
+
+_FLEET = [
+    _GENERATE[0],  # the tests, every one with a flaky test's p (c.flaky picks the flaky ones)
+    # the fleet's commits: realistic, 1%% of each commit's tests flaky (at least one)
+    """
+    create temporary table fleet_commit on commit drop as
+    select (c.i0 - 1)::int as i, %(repo_base)s + c.i0 - 1 as repo,
+           'fleet' || lpad((c.i0 - 1)::text, 35, '0') as sha,
+           c.uploads, c.tests, greatest(1, round(c.tests / 100.0))::int as flaky
+      from unnest(%(commit_uploads)s::int[], %(commit_tests)s::int[]) with ordinality as c(uploads, tests, i0)
+    """,
+    # commit i + 1 is fleet commit i; the other commits follow, each of a fleet repository
+    """
+    insert into commits (id, commitid, repoid, branch, merged, timestamp)
+    select i + 1, sha, repo, 'main', true, now() - interval '3 hours' from fleet_commit
+    union all
+    select %(n)s + 1 + k, md5('bench-other-' || k), %(repo_base)s + k %% %(n)s, 'main', true,
+           now() - interval '4 hours' - k * interval '1 hour'
+      from generate_series(0, ceil(%(other)s::numeric / %(other_per_upload)s)::int - 1) as k
+    """,
+    "insert into reports_commitreport (id, commit_id, code, report_type)"
+    " select id, id, null, 'test_results' from commits",
+    """
+    insert into reports_upload (id, report_id, state, created_at)
+    select %(base)s + %(stride)s * (c.i + 1) + u, c.i + 1, 'processed',
+           now() - interval '3 hours' + u * interval '1 minute'
+      from fleet_commit c cross join generate_series(1, c.uploads) as u
+    union all
+    select %(other_base)s + id, id, 'processed', timestamp from commits where id > %(n)s
+    """,
+    _INSERT_RUNS + """
+    select u.created_at, t.test_id, t.name, t.classname, 'bench', t.filename || '::' || t.name,
+           case when t.n <= c.flaky and x.r < t.p then (case when x.r < t.p / 10 then 'error' else 'failure' end)
+                when t.n %% 97 = 0 then 'skip' else 'pass' end,
+           0.01 + (t.n %% 50) / 100.0,
+           case when t.n <= c.flaky and x.r < t.p then 'AssertionError: bench failure' end,
+           'pytest', t.filename, c.repo, c.sha, 'main', array['unit'], u.id
+      from fleet_commit c
+      join reports_upload u on u.report_id = c.i + 1
+      join bench_test t on t.n <= c.tests
+      cross join lateral (select flakectl_bench.rand(u.id, t.n, 1, %(seed)s) as r) x
+    """,
+    _RETRIES,
+    _OTHER_RUNS,
+    # open flakes: a few per repository, on tests that are flaky or only pass
+    """
+    insert into test_analytics_flake
+      (repoid, test_id, flags_id, recent_passes_count, count, fail_count, start_date, end_date)
+    select c.repo, t.test_id, null, x.rpc, x.rpc + x.fails, x.fails,
+           now() - interval '2 days' - t.n * interval '1 second', null
+      from fleet_commit c
+      join bench_test t on t.n between c.flaky / 2 + 1 and least(c.tests, c.flaky / 2 + %(open)s)
+      cross join lateral (
+        select floor(30 * flakectl_bench.rand(t.n, c.i, 4, %(seed)s))::int as rpc,
+               1 + floor(20 * flakectl_bench.rand(t.n, c.i, 5, %(seed)s))::int as fails
+      ) x
+    """,
+]
+
+
+def generate_fleet(conn: psycopg.Connection, commits: list[FleetCommit], other_rows: int,
+                   seed: int = 1) -> None:
+    """Empty the scratch tables and write the fleet's commits into them, one
+    repository each (realistic failures, retries, FLEET_OPEN_FLAKES open flakes
+    per repository), plus `other_rows` runs of older commits of those repositories."""
+    assert [c.index for c in commits] == list(range(len(commits)))
+    params = {
+        "seed": seed, "min_p": MIN_P, "max_p": MAX_P, "n": len(commits),
+        "commit_uploads": [c.uploads for c in commits], "commit_tests": [c.tests for c in commits],
+        "tests": max(c.tests for c in commits), "flaky": max(c.tests for c in commits), "fail_p": 0.0,
+        "other": other_rows,
+        "other_per_upload": OTHER_TESTS_PER_UPLOAD, "repo_base": FLEET_REPO_BASE,
+        "base": UPLOAD_BASE, "stride": FLEET_UPLOAD_STRIDE, "other_base": OTHER_UPLOAD_BASE,
+        "open": FLEET_OPEN_FLAKES, "retry": 0.5,
+    }
+    _load(conn, _FLEET, params)
+
+
+def _load(conn: psycopg.Connection, statements: list[str], params: dict) -> None:
     conn.execute("set maintenance_work_mem = '512MB'")
     conn.execute("truncate " + ", ".join(f"{SCHEMA}.{t}" for t in TABLES))
     table = f"{SCHEMA}.ta_timeseries_testrun"
@@ -242,7 +353,7 @@ def generate(conn: psycopg.Connection, workload: Workload) -> None:
     with conn.transaction():
         for name, _ in indexes:
             conn.execute(f"drop index {name}")
-        for statement in _GENERATE:
+        for statement in statements:
             conn.execute(statement, params)
         for _, definition in indexes:
             conn.execute(definition)
@@ -255,5 +366,5 @@ def runs_in_commit(conn: psycopg.Connection) -> int:
     return n
 
 
-__all__ = ["COMMIT_SHA", "REPO_ID", "SCHEMA", "SHAPES", "Workload", "create_schema", "drop_schema",
-           "generate", "runs_in_commit", "use_schema"]
+__all__ = ["COMMIT_SHA", "FleetCommit", "REPO_ID", "SCHEMA", "SHAPES", "Workload", "create_schema",
+           "drop_schema", "generate", "generate_fleet", "runs_in_commit", "use_schema"]
