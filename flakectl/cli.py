@@ -6,6 +6,7 @@ reference, and a demo on a throwaway server.
     flakectl verify --repo ID --commit SHA        function vs. reference, rolled back
     flakectl status [--repo ID]                   what is installed, what the tables hold
     flakectl prune --older-than 30d               forget old ledger rows
+    flakectl split --main-dsn M --runs-dsn R      move to the split layout (--undo: back)
     flakectl demo                                 the whole thing on a throwaway server
     flakectl bench                                the function vs the worker's path, timed
 
@@ -84,6 +85,8 @@ COMMANDS = [
     Command("status", "flakectl.dba.status",
             "show the installed version, the ledger and the flakes per repository"),
     Command("prune", "flakectl.dba.ledger", "delete ledger rows older than an age (flakectl.prune_ledger)"),
+    Command("split", "flakectl.dba.split", "move a deployment to Codecov's split layout (runs and main"
+            " databases), or back with --undo"),
     Command("demo", "flakectl.lab.demo",
             "generate a repository history on a throwaway PostgreSQL, process it, compare with the truth"),
     Command("bench", "flakectl.lab.bench:cli",

@@ -111,7 +111,7 @@ def test_format_duration(value, text):
 
 
 SUBCOMMANDS = [["db", "upgrade"], ["db", "downgrade"], ["db", "current"], ["db", "sql"], ["process"],
-               ["verify"], ["status"], ["prune"], ["demo"], ["bench"]]
+               ["verify"], ["status"], ["prune"], ["demo"], ["bench"], ["split"]]
 
 
 @pytest.mark.parametrize("words", SUBCOMMANDS, ids=" ".join)
@@ -212,7 +212,7 @@ def test_top_level_help_lists_the_commands(cli):
     (["bench", "--other-rows", "-1"], "argument --other-rows: must be 0 or more, got -1"
                                       " (see `flakectl bench --help`)"),
     (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate' (choose from 'db', 'process',"
-                     " 'verify', 'status', 'prune', 'demo', 'bench') (see `flakectl --help`)"),
+                     " 'verify', 'status', 'prune', 'split', 'demo', 'bench') (see `flakectl --help`)"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(cli, argv, message):
     code, out, err = cli(*argv)

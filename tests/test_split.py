@@ -18,7 +18,9 @@ import psycopg
 import pytest
 
 import flakectl
+from flakectl.cli import main
 from flakectl.dba import migrate, split
+from flakectl.dba.connection import describe
 from flakectl.dba.split import SplitFailed, SplitRefused
 from flakectl.lab.pgserver import ThrowawayServer
 
@@ -244,6 +246,39 @@ def test_codecov_main_database_without_flakectl(codecov_dbs):
                   " has_table_privilege('codecov_reader', 'test_analytics_flake', 'insert')") == [(True, False)]
     assert [f[0] for f in flakes(d.m)] == [fid]
     assert q(d.r, "select version_num from alembic_version") == [(migrate.head(),)]
+
+
+# --------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------
+
+
+SPLIT_VARIABLES = ("FLAKECTL_MAIN_DSN", "FLAKECTL_RUNS_DSN", "FLAKECTL_UNDO", "FLAKECTL_DRY_RUN",
+                   "FLAKECTL_CODECOV_SCHEMA", "FLAKECTL_MAIN_LINK_DSN", "FLAKECTL_RUNS_LINK_DSN")
+
+
+def test_the_command(capsys, monkeypatch, dbs):
+    for name in SPLIT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+    def cli(*argv: str) -> tuple[int, str, str]:
+        code = main(list(argv))
+        return (code, *capsys.readouterr())
+
+    seed(dbs.m)
+    code, out, err = cli("split", "--main-dsn", dbs.m_dsn, "--runs-dsn", dbs.r_dsn)
+    assert (code, err) == (0, "")
+    assert out.splitlines()[-1].startswith("split done: process in the runs database (127.0.0.1:")
+    assert PASSWORD not in out
+    code, out, err = cli("split", "--main-dsn", dbs.m_dsn, "--runs-dsn", dbs.r_dsn)
+    assert (code, err, out.count("\n")) == (0, "", 1)
+    code, out, err = cli("split", "--main-dsn", dbs.m_dsn, "--runs-dsn", dbs.m_dsn)
+    assert (code, out) == (1, "")
+    assert err == (f"flakectl: error: split refused, nothing was changed: --main-dsn and --runs-dsn name the"
+                   f" same database ({describe(dbs.m_dsn)}); the split layout needs two databases\n")
+    code, out, err = cli("split", "--main-dsn", dbs.m_dsn, "--runs-dsn", dbs.r_dsn, "--undo")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[-1].startswith("undone: process in the main database again")
 
 
 # --------------------------------------------------------------------------

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -54,7 +53,7 @@ import psycopg
 from psycopg import sql
 
 from flakectl.dba.connection import connect, describe
-from flakectl.errors import FlakectlError, from_psycopg
+from flakectl.errors import ConnectionFailed, FlakectlError, from_psycopg
 
 MAIN_SERVER = "flakectl_main"  # in R: the link to the main database
 RUNS_SERVER = "flakectl_runs"  # in M: the link to the runs database
@@ -670,11 +669,20 @@ def _prepare(conn: psycopg.Connection) -> None:
         conn.execute("select set_config(%s, %s, false)", (setting, value))
 
 
+def _connect(dsn: str, label: str, flag: str) -> psycopg.Connection:
+    try:
+        return connect(dsn)
+    except ConnectionFailed as exc:
+        reason = str(exc).split(": ", 1)[-1].rsplit("; check", 1)[0]
+        raise ConnectionFailed(f"cannot connect to the {label} database at {describe(dsn)}: {reason};"
+                               f" check {flag}") from exc
+
+
 def split(main_dsn: str, runs_dsn: str, *, undo: bool = False, dry_run: bool = False,
           schema: str = "public", main_link_dsn: str | None = None, runs_link_dsn: str | None = None,
           out: Callable[[str], None] = print) -> int:
     """Run the split (or its undo); the exit code. Raises SplitRefused / SplitFailed / FlakectlError."""
-    with connect(main_dsn) as m, connect(runs_dsn) as r:
+    with _connect(main_dsn, "main", "--main-dsn") as m, _connect(runs_dsn, "runs", "--runs-dsn") as r:
         try:
             _prepare(m)
             _prepare(r)
@@ -699,29 +707,39 @@ def split(main_dsn: str, runs_dsn: str, *, undo: bool = False, dry_run: bool = F
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--main-dsn", help="the main database (commits, reports_*, today's flakes)")
-    parser.add_argument("--runs-dsn", help="the runs database (ta_timeseries_testrun; flakectl goes here)")
-    parser.add_argument("--undo", action="store_true",
-                        help="bring the flakes back into the main database and remove the link")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
-    parser.add_argument("--codecov-schema", default="public",
-                        help="the schema of Codecov's tables on both sides (default public)")
-    parser.add_argument("--main-link-dsn",
-                        help="how the runs database's server reaches the main database"
-                             " (default: host, port, database, user and password of --main-dsn)")
-    parser.add_argument("--runs-link-dsn",
-                        help="how the main database's server reaches the runs database"
-                             " (default: those of --runs-dsn)")
+    from flakectl.dba import options as o
+
+    o.example(parser,
+              "  flakectl split --main-dsn postgresql://postgres@main/codecov \\\n"
+              "                 --runs-dsn postgresql://postgres@timescale/ta --dry-run\n"
+              "  flakectl split --main-dsn ... --runs-dsn ...          # do it\n"
+              "  flakectl split --main-dsn ... --runs-dsn ... --undo   # and back\n\n"
+              "Run again after a failure at any step: it finishes the job; on a split deployment\n"
+              "it changes nothing and says so. The link's user mappings get the user and password\n"
+              "of --main-dsn / --runs-dsn (or of --main-link-dsn / --runs-link-dsn); a password is\n"
+              "stored in the catalog only, never printed or logged. docs/deployment.md: the runbook.")
+    o.option(parser, "--main-dsn", metavar="DSN", required=True,
+             help="the main database (commits, reports_*, the flakes before the split)")
+    o.option(parser, "--runs-dsn", metavar="DSN", required=True,
+             help="the runs database (ta_timeseries_testrun; flakectl and the flakes go here)")
+    o.option(parser, "--undo", switch=True,
+             help="bring every flake back into the main database as a regular table, remove the link")
+    o.option(parser, "--dry-run", switch=True, help="print the plan, change nothing")
+    o.option(parser, "--codecov-schema", default="public", metavar="NAME",
+             help="the schema of Codecov's tables, on both sides")
+    o.option(parser, "--main-link-dsn", metavar="DSN",
+             help="how the runs database's server reaches the main one (default: from --main-dsn)")
+    o.option(parser, "--runs-link-dsn", metavar="DSN",
+             help="how the main database's server reaches the runs one (default: from --runs-dsn)")
 
 
-def run(args: argparse.Namespace, out=None) -> int:  # noqa: ANN001
-    out = out or (lambda line: print(line, file=sys.stdout, flush=True))
-    if not args.main_dsn or not args.runs_dsn:
-        raise SplitRefused("split needs --main-dsn and --runs-dsn (or FLAKECTL_MAIN_DSN / FLAKECTL_RUNS_DSN)")
+def run(args: argparse.Namespace) -> int:
+    from flakectl.dba import options as o
+
     try:
         return split(args.main_dsn, args.runs_dsn, undo=args.undo, dry_run=args.dry_run,
                      schema=args.codecov_schema, main_link_dsn=args.main_link_dsn,
-                     runs_link_dsn=args.runs_link_dsn, out=out)
+                     runs_link_dsn=args.runs_link_dsn, out=o.out)
     except Stopped as exc:
-        print(f"flakectl: {exc}", file=sys.stderr)
+        o.err(f"flakectl: {exc}")
         return 3
