@@ -12,12 +12,14 @@ from __future__ import annotations
 import glob
 import itertools
 import os
-from datetime import timedelta
+from dataclasses import replace
 
 import psycopg
 import pytest
+from hypothesis import given, settings
 
 import flakectl
+from flakectl import reference
 from flakectl.cli import main
 from flakectl.dba import migrate, split
 from flakectl.dba.connection import describe
@@ -25,6 +27,8 @@ from flakectl.dba.split import SplitFailed, SplitRefused
 from flakectl.lab.pgserver import ThrowawayServer
 
 from builders import Repo, at
+from dbdata import assert_state, insert
+from test_differential import _materialize, histories
 from conftest import create_database, drop_database
 from sessions import InThread, wait_until
 
@@ -483,3 +487,49 @@ def test_main_database_down(dbs, pair):
     with psycopg.connect(dbs.r) as c:
         assert flakectl.process_commit(c, 1, "sha2").uploads_processed == 1
     assert flakes(dbs.m) == flakes(dbs.r)
+
+
+# --------------------------------------------------------------------------
+# The differential cases in the runs database
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def split_conns(pair):
+    """A split deployment (Codecov's main database, no flakes yet): connections to M and R."""
+    d = Dbs(pair, "codecov_template")
+    assert d.split()[0] == 0
+    with psycopg.connect(d.m) as m, psycopg.connect(d.r) as r:
+        yield m, r
+    d.drop()
+
+
+@settings(max_examples=min(settings().max_examples, 40))
+@given(history=histories())
+def test_function_equals_reference_in_the_runs_database(split_conns, history):
+    """test_differential's cases, with the reports in M (read across the link) and the
+    runs, flakes and ledger in R: the same results as in one database."""
+    m, r = split_conns
+    try:
+        (now,) = r.execute("select now()").fetchone()
+        expected = _materialize(now, history)
+        insert(m, replace(expected, testruns=(), flakes=(), ledger=frozenset()))
+        m.commit()
+        insert(r, replace(expected, commits=(), reports=(), uploads=()))
+        known_ids = {f.id for f in expected.flakes}
+        for call in history[-1]:
+            options = {k: call[k] for k in ("lookback", "expire_after", "dry_run") if k in call}
+            if call["kind"] == "commit":
+                want = reference.process_commit(expected, call["repo"], call["sha"], **options)
+                got = flakectl.process_commit(r, call["repo"], call["sha"], **options)
+            else:
+                want = reference.process_uploads(expected, call["repo"], call["ids"], **options)
+                got = flakectl.process_uploads(r, call["repo"], call["ids"], **options)
+            assert got == want.summary, call
+            expected = reference.apply(expected, want)
+            assert_state(r, expected, known_ids)
+    finally:
+        r.rollback()
+        m.rollback()
+        m.execute("truncate reports_upload, reports_commitreport, commits")
+        m.commit()
