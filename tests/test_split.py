@@ -23,6 +23,7 @@ from flakectl import reference
 from flakectl.cli import main
 from flakectl.dba import migrate, split
 from flakectl.dba.connection import describe
+from flakectl.dba.status import read_status
 from flakectl.dba.split import SplitFailed, SplitRefused
 from flakectl.lab.pgserver import ThrowawayServer
 
@@ -280,9 +281,40 @@ def test_the_command(capsys, monkeypatch, dbs):
     assert (code, out) == (1, "")
     assert err == (f"flakectl: error: split refused, nothing was changed: --main-dsn and --runs-dsn name the"
                    f" same database ({describe(dbs.m_dsn)}); the split layout needs two databases\n")
+    # status says which side it looks at and whether the link answers
+    m_where, r_where = (f"127.0.0.1:{s.port}/{n}" for s, n in ((dbs.m_server, dbs.m_name),
+                                                               (dbs.r_server, dbs.r_name)))
+    code, out, err = cli("status", "--dsn", dbs.r)
+    assert (code, err) == (0, "")
+    assert out.splitlines()[:2] == [
+        f"layout     runs side of a split: the reports are read from the main database {m_where}"
+        " (server flakectl_main, read-only)",
+        "link       answers"]
+    code, out, err = cli("status", "--dsn", dbs.m)
+    assert (code, err) == (0, "")
+    assert out.splitlines()[:2] == [
+        f"layout     main side of a split: the flakes are read from the runs database {r_where}"
+        " (server flakectl_runs, read-only); process there",
+        "link       answers"]
     code, out, err = cli("split", "--main-dsn", dbs.m_dsn, "--runs-dsn", dbs.r_dsn, "--undo")
     assert (code, err) == (0, "")
     assert out.splitlines()[-1].startswith("undone: process in the main database again")
+    assert cli("status", "--dsn", dbs.m)[1].splitlines()[0] == "layout     one database"
+    assert cli("status", "--dsn", dbs.r)[1].splitlines()[0].endswith(
+        "; calls stopped: the flakes were moved back by `flakectl split --undo`")
+
+
+def test_status_of_a_main_database_without_flakectl(capsys, codecov_dbs):
+    d = codecov_dbs
+    with psycopg.connect(d.m) as c:
+        Repo(c, 1).flake("a")
+    assert d.split()[0] == 0
+    capsys.readouterr()
+    assert main(["status", "--dsn", d.m]) == 1
+    assert capsys.readouterr().err == (
+        "flakectl: error: flakectl is not installed in this database, the main side of a split: it runs in"
+        f" the runs database 127.0.0.1:{d.r_server.port}/{d.r_name} (link answers); run `flakectl status`"
+        " there\n")
 
 
 # --------------------------------------------------------------------------
@@ -481,6 +513,9 @@ def test_main_database_down(dbs, pair):
             # the worker that holds its upload ids goes on
             summary = flakectl.process_uploads(c, 1, [4242])
             c.commit()
+            link = read_status(c).layout
+            assert (link.side, link.answers) == ("runs", False)
+            assert 'could not connect to server "flakectl_main"' in link.error
         assert (summary.uploads_processed, summary.flakes_created, summary.testruns_marked) == (1, 1, 1)
     finally:
         _restart(m_server)
