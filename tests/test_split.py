@@ -161,6 +161,8 @@ def test_split_moves_flakes_and_ledger_and_undo_brings_them_back(dbs):
     assert flakes(dbs.m) == before == flakes(dbs.r) == flakes(dbs.m, "test_analytics_flake_pre_split")
     with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="does not allow updates"):
         q(dbs.m, "update test_analytics_flake set count = 0")
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="does not allow truncates"):
+        q(dbs.m, "truncate test_analytics_flake")
     # R: the ledger moved, the reports are read-only foreign tables, the sequence past the ids
     assert q(dbs.r, "select * from flakectl.processed_upload order by 1") == ledger_before
     assert q(dbs.r, "select c.relname, c.relkind::text from pg_class c where relname in"
@@ -168,6 +170,8 @@ def test_split_moves_flakes_and_ledger_and_undo_brings_them_back(dbs):
         ("commits", "f"), ("reports_commitreport", "f"), ("reports_upload", "f"), ("ta_timeseries_testrun", "r")]
     with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="does not allow inserts"):
         q(dbs.r, "insert into commits (commitid, repoid) values ('x', 1)")
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="does not allow truncates"):
+        q(dbs.r, "truncate reports_upload")
     assert q(dbs.r, "select nextval(pg_get_serial_sequence('test_analytics_flake', 'id'))")[0][0] > max(
         f[0] for f in before)
 

@@ -212,7 +212,8 @@ def link_options(conn: psycopg.Connection, link_dsn: str | None) -> tuple[dict[s
             params["password"] = conn.info.password
     server = {k: str(v) for k, v in params.items() if k not in _MAPPING_KEYS and k not in _NEVER_LINK}
     mapping = {k: str(v) for k, v in params.items() if k in _MAPPING_KEYS}
-    server["updatable"] = "false"  # writes never cross the link
+    server["updatable"] = "false"  # writes never cross the link: neither
+    server["truncatable"] = "false"  # row by row nor by TRUNCATE (postgres_fdw allows it by default)
     server.setdefault("connect_timeout", "10")  # a dead link fails a call, it does not hang it
     return server, mapping
 
@@ -409,7 +410,7 @@ def _flake_table_sql(main: Side, columns: list[tuple[str, str, bool]], runs_sche
         sql.SQL("{} {}{}").format(sql.Identifier(n), sql.SQL(t), sql.SQL(" not null" if nn else ""))
         for n, t, nn in columns)
     return sql.SQL("create foreign table {} ({}) server {} options (schema_name {}, table_name {},"
-                   " updatable 'false')").format(main.q(FLAKE), cols, sql.Identifier(RUNS_SERVER),
+                   " updatable 'false', truncatable 'false')").format(main.q(FLAKE), cols, sql.Identifier(RUNS_SERVER),
                                                   sql.Literal(runs_schema), sql.Literal(FLAKE))
 
 
@@ -558,8 +559,9 @@ def _ensure_report_tables(main: Side, runs: Side) -> str:
             (options,) = conn.execute(
                 "select ftoptions from pg_foreign_table where ftrelid = %s::regclass",
                 (sql.Identifier(runs.schema, t).as_string(conn),)).fetchone()
-            if "updatable=false" not in (options or []):
-                change = _options_sql(_parse_options(options), {**_parse_options(options), "updatable": "false"})
+            current = _parse_options(options)
+            change = _options_sql(current, {**current, "updatable": "false", "truncatable": "false"})
+            if change is not None:
                 conn.execute(sql.SQL("alter foreign table {} {}").format(sql.Identifier(runs.schema, t), change))
     if missing:
         return f"read-only foreign table(s) {', '.join(missing)} reading the main database's"
