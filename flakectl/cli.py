@@ -192,6 +192,14 @@ def _join_dash_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[
 # --------------------------------------------------------------------------
 
 
+def _own_remedy() -> tuple[type, ...]:
+    """Errors whose message ends with the command's own remedy, in place of the server's
+    HINT (written for SQL callers: `call with wait => true`, `add explicit type casts`)."""
+    from flakectl.errors import LockNotAvailable, NotInstalled, WrongIsolationLevel
+
+    return (LockNotAvailable, NotInstalled, WrongIsolationLevel)
+
+
 def _describe(exc: Exception) -> str:
     from flakectl.errors import FlakectlError, LockNotAvailable, NotInstalled, WrongIsolationLevel
 
@@ -205,6 +213,22 @@ def _describe(exc: Exception) -> str:
     if getattr(exc, "sqlstate", None) and type(exc) is FlakectlError:
         return f"the database refused (SQLSTATE {exc.sqlstate}): {plain(exc)}"
     return plain(exc)
+
+
+def _server_diagnostics(exc: BaseException) -> list[str]:
+    """The server's DETAIL and HINT for an error raised from a server error (found
+    along the chain of causes: a psycopg error, or SQLAlchemy's wrapping of one)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        diag = getattr(cause, "diag", None) or getattr(getattr(cause, "orig", None), "diag", None)
+        if diag is not None and diag.message_primary:
+            return [f"{PROG}: {label}: {' '.join(text.split())}"
+                    for label, text in (("detail", diag.message_detail), ("hint", diag.message_hint))
+                    if text]
+        cause = cause.__cause__ or cause.__context__
+    return []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -225,6 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except FlakectlError as exc:
         options.err(f"{PROG}: error: {_describe(exc)}")
+        for line in _server_diagnostics(exc):
+            if not (line.startswith(f"{PROG}: hint: ") and isinstance(exc, _own_remedy())):
+                options.err(line)
         return 1
     except KeyboardInterrupt:
         options.err(f"{PROG}: interrupted")

@@ -3,19 +3,25 @@
 The database comes from, in order: a SQLAlchemy connection passed in
 `config.attributes["connection"]` (flakectl's own commands and the tests), the
 `sqlalchemy.url` option, or FLAKECTL_DATABASE_URL, a plain libpq URL
-(`postgresql://user@host:port/db`) to which the psycopg driver is added.
+(`postgresql://user@host:port/db`) to which the psycopg driver is added, or a
+key=value DSN (`host=... dbname=...`).
+
+Run by the `alembic` command (config.cmd_opts set), it logs each revision it
+runs, as Alembic's own logging configuration would, and a server error is
+Alembic's one `FAILED:` message with the server's DETAIL and HINT, not a traceback.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 from alembic import context
 from alembic.util import CommandError
-from sqlalchemy import create_engine, pool
+from sqlalchemy.exc import DBAPIError
 
-from flakectl.dba.migrate import MIGRATION_LOCK_KEY
-from flakectl.errors import DataWouldBeLost
+from flakectl.dba.migrate import MIGRATION_LOCK_KEY, engine as make_engine
+from flakectl.errors import DataWouldBeLost, FlakectlError
 
 config = context.config
 
@@ -110,6 +116,8 @@ def run_offline() -> None:
         literal_binds=True,
         transactional_ddl=True,
     )
+    # no `RETURNING version_num` after the INSERT: psql would print a stray result row
+    context.get_context().dialect.insert_returning = False
     with context.begin_transaction():
         context.execute(offline_start_check())
         context.run_migrations()
@@ -131,11 +139,11 @@ def offline_start_check() -> str:
     told = f"upgrades from {start}" if start else "installs flakectl from nothing"
     remedy = ("print the script for the database's revision: flakectl db sql REV --from <the revision"
               " `flakectl db current` shows>")
-    return f"""select pg_advisory_xact_lock({MIGRATION_LOCK_KEY});
-do $flakectl$
+    return f"""do $flakectl$
 declare
   v_at text;
 begin
+  perform pg_advisory_xact_lock({MIGRATION_LOCK_KEY});  -- in the block: psql prints no result row
   if to_regclass('alembic_version') is not null then
     select string_agg(version_num, ', ') into v_at from alembic_version;
   end if;
@@ -157,7 +165,7 @@ def run_online() -> None:
             before_steps(connection)
             context.run_migrations()
         return
-    engine = create_engine(database_url(), poolclass=pool.NullPool)
+    engine = make_engine(database_url())
     try:
         with engine.connect() as conn:
             context.configure(connection=conn, transactional_ddl=True)
@@ -168,7 +176,26 @@ def run_online() -> None:
         engine.dispose()
 
 
+def alembic_command_error(exc: Exception) -> CommandError:
+    """For the alembic command: the error's message, then the server's DETAIL and HINT."""
+    diag = getattr(getattr(exc, "orig", None), "diag", None)
+    lines = [" ".join(str(diag.message_primary if diag and diag.message_primary else exc).split())]
+    for label, text in (("DETAIL", diag and diag.message_detail), ("HINT", diag and diag.message_hint)):
+        if text:
+            lines.append(f"{label}: {' '.join(text.split())}")
+    return CommandError("\n".join(lines))
+
+
+if config.cmd_opts is not None and not logging.getLogger().handlers:  # the alembic command
+    logging.basicConfig(format="%(levelname)-5.5s [%(name)s] %(message)s", level=logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.INFO)
+
 if context.is_offline_mode():
     run_offline()
-else:
+elif config.cmd_opts is None:  # flakectl's commands, the tests: errors as they are
     run_online()
+else:
+    try:
+        run_online()
+    except (DBAPIError, FlakectlError) as exc:
+        raise alembic_command_error(exc) from None

@@ -2,8 +2,9 @@
 warnings, extra, security and performance warnings (hidden casts, for one).
 It must report nothing.
 
-Needs the plpgsql_check extension on the test server (`.ci/run` installs
-Debian's postgresql-<major>-plpgsql-check); skipped where it is missing.
+Needs the plpgsql_check extension on the test server (scripts/bootstrap
+installs Debian's postgresql-<major>-plpgsql-check as root, through
+scripts/plpgsql-check); skipped where it is missing.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ def lint(server, template_url):
                 pytest.skip(
                     f"plpgsql_check is not installed for the test server (PostgreSQL {server.version} "
                     f"in {server.bin_dir}), so flakectl's functions are not linted: install it (Debian: "
-                    f"apt-get install postgresql-{server.version}-plpgsql-check; .ci/run does that for "
-                    f"Debian's server)"
+                    f"apt-get install postgresql-{server.version}-plpgsql-check; scripts/bootstrap does that as "
+                    f"root for Debian's server)"
                 )
             conn.execute("create extension plpgsql_check")
             yield conn

@@ -56,9 +56,8 @@ def _alembic_errors() -> Iterator[None]:
         ) from exc
     except sqlalchemy.exc.DBAPIError as exc:
         if isinstance(exc.orig, psycopg.Error):
-            error = from_psycopg(exc.orig)
-            hint = exc.orig.diag.message_hint if exc.orig.diag else None
-            message = str(error).removeprefix("flakectl: ") + (f" ({hint})" if hint else "")
+            message = str(from_psycopg(exc.orig)).removeprefix("flakectl: ")
+            # the server's DETAIL and HINT: printed by the command from exc.orig.diag
             raise MigrationFailed(f"migration failed, nothing was changed: {message}") from exc
         raise
 

@@ -25,6 +25,17 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
+def engine(url: str):  # noqa: ANN201 - a SQLAlchemy Engine
+    """An engine for a libpq URL or a key=value DSN (`host=... dbname=...`, which
+    SQLAlchemy cannot parse: psycopg gets it whole)."""
+    if "://" in url:
+        return create_engine(sqlalchemy_url(url), poolclass=pool.NullPool)
+    import psycopg
+
+    return create_engine("postgresql+psycopg://", poolclass=pool.NullPool,
+                         creator=lambda: psycopg.connect(url))
+
+
 def config(url: str | None = None, *, output_buffer: io.TextIOBase | None = None) -> Config:
     """Alembic's Config for the packaged migrations; `output_buffer` receives
     the SQL of offline (`sql=True`) runs instead of stdout."""
@@ -73,12 +84,12 @@ def sql(revision: str = "head", start: str | None = None) -> str:
 
 def current(url: str) -> str | None:
     """The revision the database is at, None when flakectl is not installed."""
-    engine = create_engine(sqlalchemy_url(url), poolclass=pool.NullPool)
+    db = engine(url)
     try:
-        with engine.connect() as conn:
+        with db.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
     finally:
-        engine.dispose()
+        db.dispose()
 
 
 def head() -> str:

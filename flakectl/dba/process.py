@@ -1,5 +1,10 @@
 """`flakectl process`: run flakectl.process_commit or process_uploads and
-print the summary row."""
+print the summary row.
+
+`--uploads` is where a person types ids, and process_uploads trusts its list
+(SPEC): an id that has no run yet is recorded in the ledger all the same, and
+the upload is skipped when it arrives. So the command refuses ids without a
+run of the repository, naming them, unless --force."""
 
 from __future__ import annotations
 
@@ -7,6 +12,11 @@ import argparse
 from dataclasses import asdict
 
 from flakectl.dba import options as o
+from flakectl.errors import FlakectlError
+
+
+class UnknownUploads(FlakectlError):
+    """Upload ids without a run of the repository (a typo would be recorded as processed)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              help="process the commit's processed test_results uploads")
     o.option(parser, "--uploads", type=o.id_list, metavar="ID,ID,...", group="which", target=which,
              help="process these upload ids as they are (flakectl.process_uploads)")
+    o.option(parser, "--force", switch=True, env="FLAKECTL_PROCESS_FORCE",
+             help="with --uploads: process (and record) ids that have no run of the repository")
     o.option(parser, "--dry-run", switch=True, help="compute and print the row, write nothing")
     o.option(parser, "--no-wait", switch=True,
              help="fail at once if another call holds the repository's lock, instead of waiting")
@@ -28,6 +40,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def summary_lines(summary) -> list[str]:  # noqa: ANN001 - flakectl.model.Summary
     width = max(len(name) for name in summary.columns())
     return [f"{name:<{width}}  {getattr(summary, name)}" for name in summary.columns()]
+
+
+def _refuse_uploads_without_runs(conn, repo: int, uploads: list[int]) -> None:  # noqa: ANN001
+    from flakectl.errors import wrap_exceptions
+
+    with wrap_exceptions():
+        missing = [row[0] for row in conn.execute(
+            "select u from unnest(%s::bigint[]) as u"
+            " where not exists (select from ta_timeseries_testrun r"
+            "                    where r.upload_id = u and r.repo_id = %s)"
+            " group by u order by u", (uploads, repo))]
+    if missing:
+        raise UnknownUploads(
+            f"no test run of repository {repo} in upload(s) {','.join(map(str, missing))}: check"
+            " --repo and --uploads; processing them would record them in the ledger, and skip them"
+            " if they arrive later (--force to do it anyway)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
             summary = api.process_commit(conn, args.repo, args.commit, **options)
             what = f"commit {args.commit} of repository {args.repo}"
         else:
+            if not args.force:
+                _refuse_uploads_without_runs(conn, args.repo, args.uploads)
             summary = api.process_uploads(conn, args.repo, args.uploads, **options)
             what = f"uploads {','.join(map(str, args.uploads))} of repository {args.repo}"
     if args.json:

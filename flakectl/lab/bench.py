@@ -648,8 +648,7 @@ def bench(url: str, args: argparse.Namespace, *, local: bool, err: TextIO) -> tu
                 started = time.perf_counter()
                 benchdata.generate_fleet(admin, commits, args.other_rows, args.seed)
                 say(f"generated in {time.perf_counter() - started:.1f} s")
-                ks = args.fleet_k if isinstance(args.fleet_k, tuple) else _ks(args.fleet_k)  # a default
-                runs = benchfleet.fleet(url, commits, ks, say=say)
+                runs = benchfleet.fleet(url, commits, tuple(args.fleet_k), say=say)
                 return [], env, (commits, runs)
             for w in workloads(args):
                 say(f"generating {w.shape}: {w.uploads} uploads x {w.tests:,} tests"
