@@ -253,3 +253,132 @@ def test_cli_db_sql_refuses_a_downgrade_with_exit_2(cli):
     assert cli("db", "sql", "0002", "--from", "0004") == (
         2, "", "flakectl: error: 0002 lies below --from 0004: `db sql` prints upgrades only; to downgrade,"
                " run `flakectl db downgrade 0002` against the database\n")
+
+
+# --- 2. verify sees everything a call can change -------------------------------------
+
+
+def scene(conn: psycopg.Connection) -> dict[str, int]:
+    """Repo 1's commit c1 (upload u1: a fails then passes, b passes, c passes
+    on an open flake; a run of repo 2 fails in it too), repo 1's commit c2
+    (upload u2: a fails, not processed), an expired flake of a, and repo 2's
+    open flake of x."""
+    one, two = Repo(conn, 1), Repo(conn, 2)
+    u1, u2 = one.upload("c1"), one.upload("c2")
+    one.runs(u1, ("a", "failure", at(1)), ("a", "pass", at(2)), ("b", "pass", at(1)), ("c", "pass", at(1)))
+    one.runs(u1, ("z", "failure", at(1)), repo_id=2)
+    one.runs(u2, ("a", "error", at(3)))
+    ids = {"u1": u1, "u2": u2,
+           "history": one.flake("a", count=4, fail_count=2, start=at(-60), end=at(-5)),
+           "open": one.flake("c", count=2, fail_count=1, start=at(-30)),
+           "other": two.flake("x", count=1, fail_count=1, start=at(-30))}
+    conn.commit()
+    return ids
+
+
+def install_broken(conn: psycopg.Connection, pattern: str, replacement: str) -> None:
+    """Install the live process_upload_set with one deliberate change."""
+    import re
+
+    (src,) = conn.execute("select pg_get_functiondef('flakectl.process_upload_set'::regproc)").fetchone()
+    broken, n = re.subn(pattern, replacement, src, flags=re.S)
+    assert n == 1, pattern
+    conn.execute(broken)
+    conn.commit()
+
+
+def verify_lines(cli, db_url: str) -> tuple[int, list[str]]:
+    code, out, err = cli("verify", "--dsn", db_url, "--repo", 1, "--commit", "c1")
+    assert err.endswith("flakectl: rolled back: nothing was changed\n")
+    return code, out.splitlines()
+
+
+def test_verify_is_identical_on_the_released_body_and_changes_nothing(cli, db_url, conn):
+    scene(conn)
+    before = flakes_and_ledger(conn), conn.execute(
+        "select upload_id, test_id, outcome from ta_timeseries_testrun order by 1, 2, 3").fetchall()
+    conn.commit()
+    assert verify_lines(cli, db_url) == (0, [
+        "identical: repository 1, commit c1: 1 uploads, 3 runs considered, 1 marked,"
+        " flakes 1 created / 1 updated / 0 expired"])
+    assert (flakes_and_ledger(conn), conn.execute(
+        "select upload_id, test_id, outcome from ta_timeseries_testrun order by 1, 2, 3").fetchall()) == before
+
+
+_RETURN = r"(\n\s*return v_result;\s*end;\s*\$\w*\$\s*)$"
+
+BROKEN = {
+    # the ledger insert removed: the commit would be counted twice
+    "no ledger insert": (
+        r"\n\s*begin\s+insert into \S*processed_upload.*?end;", "",
+        lambda ids: [
+            f"ledger upload {ids['u1']}: row expected recorded, got missing",
+            "writes flakectl.processed_upload: rows inserted expected 1, got 0",
+        ]),
+    # the marking UPDATE without its upload filter: marks commit c2's run too
+    "marking without the upload filter": (
+        r"(set outcome = 'flaky_fail'\s+where )r\.upload_id = any\(v_uploads\)\s+and ", r"\1",
+        lambda ids: ["writes ta_timeseries_testrun: rows updated expected 1, got 2"]),
+    # the marking UPDATE without its repository filter: marks repo 2's run in the upload
+    "marking without the repo filter": (
+        r"\s+and r\.repo_id = p_repo_id(\s+and r\.timestamp >= v_cutoff;)", r"\1",
+        lambda ids: [
+            f"run upload {ids['u1']} test \\x7a at {at(1).isoformat()}: outcome expected failure,"
+            " got flaky_fail",
+            "writes ta_timeseries_testrun: rows updated expected 1, got 2",
+        ]),
+    # a history row written (upstream's trap: expired rows taken as current)
+    "history row written": (
+        _RETURN, "\n  update test_analytics_flake set fail_count = fail_count + 1"
+                 " where repoid = p_repo_id and end_date is not null;\\1",
+        lambda ids: [
+            f"flake id {ids['history']} test \\x61: row expected unchanged (history or another row the"
+            " reference does not touch), got written: count=4 fail_count=3 recent_passes_count=0"
+            f" start={at(-60).isoformat()} ended {at(-5).isoformat()}",
+            "writes test_analytics_flake: rows updated expected 1, got 2",
+        ]),
+    # another repository's flake written
+    "other repository's flake written": (
+        _RETURN, "\n  update test_analytics_flake set count = count + 1 where repoid <> p_repo_id;\\1",
+        lambda ids: ["writes test_analytics_flake: rows updated expected 1, got 2"]),
+    # a run deleted
+    "run deleted": (
+        _RETURN, "\n  delete from ta_timeseries_testrun where outcome = 'pass' and test_id = 'b';\\1",
+        lambda ids: ["writes ta_timeseries_testrun: rows deleted expected 0, got 1"]),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN))
+def test_verify_reports_a_broken_body_exactly(cli, db_url, conn, name):
+    pattern, replacement, differences = BROKEN[name]
+    ids = scene(conn)
+    install_broken(conn, pattern, replacement)
+    code, lines = verify_lines(cli, db_url)
+    assert (code, lines) == (1, [
+        f"different: {len(differences(ids))} difference(s) between the function and the reference,"
+        " repository 1, commit c1", *(f"  {d}" for d in differences(ids))])
+
+
+def test_verify_reads_what_the_reference_needs_not_every_run(db_url, conn):
+    from flakectl.dba.snapshot import read_snapshot
+
+    repo = Repo(conn)
+    up = repo.upload("c1")
+    repo.flake("k", start=at(-30))
+    repo.runs(up, ("a", "failure", at(1)), ("a", "pass", at(2)), ("k", "pass", at(1)),
+              *[(f"t{n}", "pass", at(1)) for n in range(2000)], ("s", "skip", at(1)))
+    conn.commit()
+    bounded = read_snapshot(conn, 1, commit_sha="c1", bounded=True)
+    assert sorted((r.test_id, r.outcome) for r in bounded.testruns) == [
+        (b"a", "failure"), (b"a", "pass"), (b"k", "pass")]
+    assert len(read_snapshot(conn, 1, commit_sha="c1").testruns) == 2004
+    conn.rollback()
+
+
+def test_verify_uses_flake_ids_as_documented(cli, db_url, conn):
+    scene(conn)
+    (before,) = conn.execute("select last_value from test_analytics_flake_id_seq").fetchone()
+    conn.commit()
+    assert verify_lines(cli, db_url)[0] == 0
+    # one flake created and rolled back: its id is used up (sequences are not transactional)
+    assert conn.execute("select last_value from test_analytics_flake_id_seq").fetchone() == (before + 1,)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 import psycopg
 from psycopg.adapt import Dumper
@@ -77,11 +78,16 @@ def read_snapshot(
     *,
     commit_sha: str | None = None,
     upload_ids: Iterable[int | None] | None = None,
+    bounded: bool = False,
 ) -> Snapshot:
     """The rows `process_commit(repo_id, commit_sha)` (or `process_uploads`)
     can read: the commit's commits/reports/uploads rows, the runs of the
     candidate uploads, the repository's flakes and the ledger rows of those
-    uploads. With neither commit_sha nor upload_ids: all rows of the repo."""
+    uploads. With neither commit_sha nor upload_ids: all rows of the repo.
+
+    `bounded`: only what the reference needs (`read_scope_runs`): the
+    candidates' failure-class runs, the passes of the tests that matter, and
+    the repository's open flakes; not every run of a 1M-run commit."""
     register_timestamps(conn)
     if commit_sha is not None:
         commits = _rows(conn, Commit,
@@ -102,17 +108,14 @@ def read_snapshot(
                     " where report_id = any(%s) order by id", ([r.id for r in reports],))
     candidates = sorted({u for u in upload_ids if u is not None}) if upload_ids is not None else []
     candidates = sorted(set(candidates) | {u.id for u in uploads})
+    flakes = read_flakes(conn, repo_id, open_only=bounded)
+    if bounded:
+        testruns, _ = read_scope_runs(conn, repo_id, candidates, {f.test_id for f in flakes})
+    else:
+        testruns = _runs(conn, "select timestamp, test_id, outcome, repo_id, upload_id, commit_sha"
+                               "  from ta_timeseries_testrun where upload_id = any(%s)"
+                               " order by upload_id, timestamp, test_id, outcome", (candidates,))
     with conn.cursor() as cur:
-        cur.execute(
-            "select timestamp, test_id, outcome, repo_id, upload_id, commit_sha"
-            "  from ta_timeseries_testrun where upload_id = any(%s)"
-            " order by upload_id, timestamp, test_id, outcome",
-            (candidates,),
-        )
-        testruns = [
-            TestRun(key, ts, bytes(test_id), outcome, repo, upload, sha)
-            for key, (ts, test_id, outcome, repo, upload, sha) in enumerate(cur.fetchall())
-        ]
         cur.execute(
             "select upload_id from flakectl.processed_upload where upload_id = any(%s)",
             (candidates,),
@@ -126,23 +129,62 @@ def read_snapshot(
         reports=tuple(reports),
         uploads=tuple(uploads),
         testruns=tuple(testruns),
-        flakes=tuple(read_flakes(conn, repo_id)),
+        flakes=tuple(flakes),
         ledger=ledger,
     )
 
 
-def read_flakes(conn: psycopg.Connection, repo_id: int) -> list[Flake]:
+def read_scope_runs(
+    conn: psycopg.Connection, repo_id: int, uploads: Sequence[int], open_tests: Iterable[bytes],
+    tests: Sequence[bytes] | None = None,
+) -> tuple[list[TestRun], list[bytes]]:
+    """The runs of `uploads` a call's result depends on, and the tests that
+    matter: every failure-class run (any repository, any time: the reference
+    filters), and the passes of this repository of the tests that fail in them
+    or hold an open flake (`open_tests`), each test's read by one descent of
+    the (repo_id, test_id, timestamp) index. Passes of other tests cannot change
+    the result (SPEC "Set-wise"), so memory grows with the failures, not with
+    the commit. `tests` given (the list a first read returned): read the
+    passes of exactly those, to compare the same rows after a call."""
+    from flakectl.reference import FAILURE_OUTCOMES, PASS_OUTCOME
+
+    register_timestamps(conn)
+    failures = _runs(conn, "select timestamp, test_id, outcome, repo_id, upload_id, commit_sha"
+                           "  from ta_timeseries_testrun where upload_id = any(%s) and outcome = any(%s)",
+                     (list(uploads), sorted(FAILURE_OUTCOMES)))
+    if tests is None:
+        tests = sorted({r.test_id for r in failures} | set(open_tests))
+    passes = _runs(conn, """
+        select r.timestamp, r.test_id, r.outcome, r.repo_id, r.upload_id, r.commit_sha
+          from unnest(%(tests)s::bytea[]) as t(test_id)
+          cross join lateral (
+            select * from ta_timeseries_testrun r
+             where r.repo_id = %(repo)s and r.test_id = t.test_id
+               and r.upload_id = any(%(uploads)s) and r.outcome = %(pass)s
+            offset 0) r""", {"tests": list(tests), "repo": repo_id, "uploads": list(uploads),
+                             "pass": PASS_OUTCOME})
+    runs = sorted(failures + passes, key=lambda r: (r.upload_id, r.timestamp, r.test_id, r.outcome))
+    return [replace(r, key=key) for key, r in enumerate(runs)], list(tests)
+
+
+def _runs(conn: psycopg.Connection, query: str, params: Sequence | dict) -> list[TestRun]:
+    with conn.cursor() as cur:
+        cur.execute(query, params)
+        return [TestRun(key, ts, bytes(test_id), outcome, repo, upload, sha)
+                for key, (ts, test_id, outcome, repo, upload, sha) in enumerate(cur)]
+
+
+def read_flakes(conn: psycopg.Connection, repo_id: int, *, open_only: bool = False) -> list[Flake]:
     register_timestamps(conn)
     flakes = _rows(conn, Flake,
-                   f"select {FLAKE_COLUMNS} from test_analytics_flake where repoid = %s order by id",
+                   f"select {FLAKE_COLUMNS} from test_analytics_flake where repoid = %s"
+                   f"{' and end_date is null' if open_only else ''} order by id",
                    (repo_id,))
-    return [_with_bytes(f) for f in flakes]
+    return [flake_with_bytes(f) for f in flakes]
 
 
-def _with_bytes(flake: Flake) -> Flake:
+def flake_with_bytes(flake: Flake) -> Flake:
     # psycopg returns bytea as bytes already; memoryview appears with some loaders
-    from dataclasses import replace
-
     return replace(
         flake,
         test_id=bytes(flake.test_id),

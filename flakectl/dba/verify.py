@@ -2,12 +2,33 @@
 changing nothing.
 
 In one transaction that is always rolled back: take the repository's lock,
-read the snapshot the function will see (`snapshot.read_snapshot`), compute
-the reference's answer (`reference.process_commit`), run the function, read
-back the flakes and the runs, and compare them with `reference.apply`:
-flakes that existed before by id, flakes the call created as a multiset
-(their ids come from a sequence), run outcomes as a multiset (the runs table
-has no key), and the summary row. Then ROLLBACK.
+read what the reference needs (`snapshot.read_snapshot(bounded=True)`: the
+commit's rows, the candidates' failure-class runs, the passes of the tests
+that matter, the repository's open flakes, the candidates' ledger rows),
+compute the reference's answer, run the function, and compare everything the
+call can change with what the reference says it changes:
+
+- the summary row;
+- the runs the reference reads, re-read after the call, as a multiset (the
+  runs table has no key) of (upload, test, timestamp, repo, outcome);
+- every other run: the call's own row counts from pg_stat_xact_user_tables
+  (this transaction's inserts, updates and deletes of each table, summed over
+  partitions and chunks): exactly the reference's marked runs updated, none
+  inserted or deleted; so a run of another commit or repository the call
+  marks shows up, without reading any of them;
+- the repository's flakes: the open ones (before the call) by id, the rows
+  the call wrote (found by their xmin, server-side: this transaction's or its
+  subtransactions'), new ones as a multiset (their ids come from a sequence),
+  a history row written as a difference of its own; other repositories' flakes
+  by the row counts (writes beyond the reference's are a difference);
+- the ledger rows of the candidate uploads (which, repository, commit) and its
+  row counts; commits, reports and uploads: no writes.
+
+Client memory is what the reference needs; nothing grows with the passes of
+tests that do not matter. Then ROLLBACK. Sequences are not transactional: the
+rolled-back call still uses one flake id per flake it creates (ids have gaps
+anyway; nothing else is left behind). The counts need track_counts (on by
+default); with it off they are not compared.
 
 The repository lock is taken first, with guard's key (the same in every
 guard version), so a worker committing for the same repository between the
@@ -23,12 +44,20 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import timedelta
 
 import psycopg
+from psycopg.rows import class_row
 
 from flakectl import api, reference
 from flakectl.dba import options as o
 from flakectl.errors import FlakectlError, NotInstalled, wrap_exceptions
 from flakectl.model import Flake, Snapshot, Summary
-from flakectl.dba.snapshot import read_flakes, read_snapshot, run_outcomes
+from flakectl.dba.snapshot import (
+    FLAKE_COLUMNS,
+    flake_with_bytes,
+    read_scope_runs,
+    read_snapshot,
+    register_timestamps,
+    run_outcomes,
+)
 
 #: guard's advisory lock namespace (its first key; the same in v0001 and v0002).
 LOCK_NAMESPACE = 1718381411
@@ -92,20 +121,42 @@ def verify_commit(
         if conn.execute("select to_regproc('flakectl.process_commit') is null").fetchone()[0]:
             raise NotInstalled()
         _lock(conn, repo_id)
-        before = read_snapshot(conn, repo_id, commit_sha=commit_sha)
+        before = read_snapshot(conn, repo_id, commit_sha=commit_sha, bounded=True)
         if not before.commits:
             raise UnknownCommit(f"repository {repo_id} has no commit {commit_sha!r}: nothing to verify")
+        candidates = sorted({u.id for u in before.uploads})
         want = reference.process_commit(before, repo_id, commit_sha,
                                         lookback=lookback, expire_after=expire_after)
+        (max_id,) = conn.execute("select coalesce(max(id), 0) from test_analytics_flake").fetchone()
+        counted = conn.execute("select current_setting('track_counts')::boolean").fetchone()[0]
+        writes_before = _writes(conn)
         got = api.process_commit(conn, repo_id, commit_sha, lookback=lookback,
                                  expire_after=expire_after)
-        after = replace(read_snapshot(conn, repo_id, commit_sha=commit_sha),
-                        flakes=tuple(read_flakes(conn, repo_id)))
+        writes = _writes(conn)
+        tests = sorted({r.test_id for r in before.testruns if reference.outcome_class(r.outcome)
+                        == reference.FAILURE} | {f.test_id for f in before.flakes})
+        runs_after, _ = read_scope_runs(conn, repo_id, candidates, (), tests)
+        written = _written_flakes(conn, repo_id)
+        still_there = {i for (i,) in conn.execute(
+            "select id from test_analytics_flake where id = any(%s)", ([f.id for f in before.flakes],))}
+        ledger_after = conn.execute(
+            "select upload_id, repo_id, commit_sha from flakectl.processed_upload"
+            " where upload_id = any(%s) order by upload_id", (candidates,)).fetchall()
     expected = reference.apply(before, want)
+    open_ids = {f.id for f in before.flakes}
+    after_flakes = [written.get(f.id, f) for f in before.flakes if f.id in still_there]
+    after_flakes += [f for f in written.values() if f.id not in open_ids and f.id > max_id]
+    history = [f for f in written.values() if f.id not in open_ids and f.id <= max_id]
+    after = replace(before, flakes=tuple(after_flakes), testruns=tuple(runs_after))
     differences = [
         *_summary_differences(want.summary, got),
         *_flake_differences(before, expected, after),
+        *[Difference("flake", f"id {f.id} test {_hex(f.test_id)}", "row", "unchanged (history or"
+                     " another row the reference does not touch)", f"written: {_flake_text(f)}")
+          for f in history],
         *_run_differences(expected, after),
+        *_ledger_differences(before, want, repo_id, commit_sha, candidates, ledger_after),
+        *(_write_differences(want, writes_before, writes) if counted else []),
     ]
     return Verification(repo_id, commit_sha, want.summary, got,
                         uploads=want.summary.uploads_processed + want.summary.uploads_skipped,
@@ -115,9 +166,89 @@ def verify_commit(
 def _lock(conn: psycopg.Connection, repo_id: int) -> None:
     key = repo_id if -2**31 <= repo_id < 2**31 else None
     if key is None:
-        conn.execute("select pg_advisory_xact_lock(%s, hashint8(%s))", (LOCK_NAMESPACE, repo_id))
+        conn.execute("select pg_advisory_xact_lock(%s, hashint8(%s::bigint))", (LOCK_NAMESPACE, repo_id))
     else:
         conn.execute("select pg_advisory_xact_lock(%s, %s)", (LOCK_NAMESPACE, key))
+
+
+#: the tables a call may write, and those it must not (their row counts are compared)
+_COUNTED = ("ta_timeseries_testrun", "test_analytics_flake", "flakectl.processed_upload",
+            "commits", "reports_commitreport", "reports_upload")
+_KINDS = ("inserted", "updated", "deleted")
+
+
+def _writes(conn: psycopg.Connection) -> dict[str, tuple[int, int, int]]:
+    """This transaction's rows inserted, updated and deleted so far, per table
+    (with its partitions, inheritance children, TimescaleDB chunks)."""
+    rows = conn.execute(
+        """
+        with recursive tree(root, rel) as (
+          select t, to_regclass(t)::oid from unnest(%s::text[]) as t where to_regclass(t) is not null
+          union all
+          select tree.root, i.inhrelid from pg_inherits i join tree on i.inhparent = tree.rel
+        )
+        select root, sum(pg_stat_get_xact_tuples_inserted(rel))::bigint,
+               sum(pg_stat_get_xact_tuples_updated(rel))::bigint,
+               sum(pg_stat_get_xact_tuples_deleted(rel))::bigint
+          from tree group by root
+        """, (list(_COUNTED),)).fetchall()
+    return {root: (ins, upd, dele) for root, ins, upd, dele in rows}
+
+
+def _write_differences(want, before: dict, after: dict) -> list[Difference]:  # noqa: ANN001 - a Result
+    flakes_updated = sum(1 for f in want.flakes if f.id is not None)
+    expected = {
+        "ta_timeseries_testrun": (0, len(want.marked), 0),
+        "test_analytics_flake": (len(want.flakes) - flakes_updated, flakes_updated, 0),
+        "flakectl.processed_upload": (len(want.ledger_added), 0, 0),
+    }
+    out = []
+    for table in _COUNTED:
+        if table not in after:
+            continue
+        got = tuple(a - b for a, b in zip(after[table], before.get(table, (0, 0, 0))))
+        want_counts = expected.get(table, (0, 0, 0))
+        out += [Difference("writes", table, f"rows {kind}", w, g)
+                for kind, w, g in zip(_KINDS, want_counts, got) if w != g]
+    return out
+
+
+def _written_flakes(conn: psycopg.Connection, repo_id: int) -> dict[int, Flake]:
+    """The repository's flake rows this transaction wrote (xmin of this
+    transaction or one of its subtransactions: no older than its own xid; no
+    other session writes the repository's flakes while its lock is held)."""
+    register_timestamps(conn)
+    with conn.cursor(row_factory=class_row(Flake)) as cur:
+        cur.execute(f"select {FLAKE_COLUMNS} from test_analytics_flake"
+                    " where repoid = %s and age(xmin) <= age(xid(pg_current_xact_id())) order by id",
+                    (repo_id,))
+        return {f.id: flake_with_bytes(f) for f in cur}
+
+
+def _ledger_differences(before: Snapshot, want, repo_id: int, commit_sha: str,  # noqa: ANN001
+                        candidates: list[int], rows: list[tuple]) -> list[Difference]:
+    got = {upload_id: (repo, sha) for upload_id, repo, sha in rows}
+    added = set(want.ledger_added)
+    out = []
+    for upload_id in candidates:
+        where = f"upload {upload_id}"
+        if upload_id in before.ledger:
+            if upload_id not in got:
+                out.append(Difference("ledger", where, "row", "kept", "deleted"))
+            continue
+        if upload_id not in added:
+            if upload_id in got:
+                out.append(Difference("ledger", where, "row", "not recorded", "recorded"))
+            continue
+        if upload_id not in got:
+            out.append(Difference("ledger", where, "row", "recorded", "missing"))
+            continue
+        repo, sha = got[upload_id]
+        if repo != repo_id:
+            out.append(Difference("ledger", where, "repo_id", repo_id, repo))
+        if sha != commit_sha:
+            out.append(Difference("ledger", where, "commit_sha", commit_sha, sha))
+    return out
 
 
 def _summary_differences(expected: Summary, got: Summary) -> list[Difference]:
