@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -231,8 +232,27 @@ def _server_diagnostics(exc: BaseException) -> list[str]:
     return []
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, systemd, kill): handled as Ctrl-C is, so psycopg
+    cancels the statement running on the server (a call parked on the
+    repository's lock, say) before the command exits, and its transaction
+    rolls back instead of running on, holding the lock."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _on_sigterm(handler):  # noqa: ANN001, ANN202 - a signal handler, and the one it replaces
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # main() called in a thread other than the main one: leave signals alone
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command; the exit code (0 ok, 1 error or difference, 2 usage, 130 interrupted)."""
+    """Run the command; the exit code (0 ok, 1 error or difference, 2 usage, 130 interrupted,
+    143 terminated)."""
     from flakectl.errors import FlakectlError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -245,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else 0
+    previous = _on_sigterm(_terminated)
     try:
         return args.func(args)
     except FlakectlError as exc:
@@ -253,6 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not (line.startswith(f"{PROG}: hint: ") and isinstance(exc, _own_remedy())):
                 options.err(line)
         return 1
+    except Terminated:
+        options.err(f"{PROG}: terminated")
+        return 143
     except KeyboardInterrupt:
         options.err(f"{PROG}: interrupted")
         return 130
@@ -260,3 +284,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the reader left (`flakectl db sql | head`); keep Python's exit flush quiet
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    finally:
+        if previous is not None:
+            _on_sigterm(previous)

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psycopg
@@ -382,3 +383,73 @@ def test_verify_uses_flake_ids_as_documented(cli, db_url, conn):
     assert verify_lines(cli, db_url)[0] == 0
     # one flake created and rolled back: its id is used up (sequences are not transactional)
     assert conn.execute("select last_value from test_analytics_flake_id_seq").fetchone() == (before + 1,)
+
+
+# --- 5. status: hostile test names, a database at 0001 --------------------------------
+
+
+def test_status_escapes_test_names_and_shas_from_ci_data(cli, db_url, conn):
+    repo = Repo(conn)
+    sha = "c1\x1b]0;owned\x07"
+    up = repo.upload(sha)
+    repo.runs(up, ("a", "failure", at(1)), ("b", "failure", at(1)))
+    conn.execute("update ta_timeseries_testrun set computed_name = case test_id"
+                 " when 'a' then E'test_a\\nFAKE LINE' else E'\\x1b[2Jtest_b\\\\x' end")
+    conn.commit()
+    assert cli("process", "--dsn", db_url, "--repo", 1, "--commit", sha)[0] == 0
+    code, out, _ = cli("status", "--dsn", db_url, "--repo", 1)
+    assert code == 0
+    assert all(c.isprintable() for line in out.splitlines() for c in line)
+    lines = out.splitlines()
+    assert f"commit c1\\x1b]0;owned\\x07, at " in next(line for line in lines if line.startswith("ledger"))
+    assert [line[51:] for line in lines[-2:]] == ["test_a\\nFAKE LINE", "\\x1b[2Jtest_b\\\\x"]
+    code, out, _ = cli("status", "--dsn", db_url, "--repo", 1, "--json")
+    assert all(c.isprintable() or c == "\n" for c in out) and out.isascii()
+    data = json.loads(out)
+    assert data["last_commit_sha"] == sha
+    assert [f["name"] for f in data["open_flakes"]] == ["test_a\nFAKE LINE", "\x1b[2Jtest_b\\x"]
+
+
+def test_status_on_a_database_at_0001_says_partly_installed(cli, empty_db_url):
+    migrate.upgrade(empty_db_url, "0001")
+    assert cli("status", "--dsn", empty_db_url) == (
+        1, "", "flakectl: error: flakectl is partly installed in this database: it is at revision 0001,"
+               " which has the Codecov tables but not flakectl's ledger and functions (head is"
+               f" {HEAD}); run `flakectl db upgrade` to finish the install\n")
+
+
+# --- 5. SIGTERM cancels the server-side call, as Ctrl-C does --------------------------
+
+
+@pytest.mark.parametrize("command", ["process", "verify"])
+def test_sigterm_cancels_the_call_on_the_server(db_url, conn, command):
+    import signal
+
+    from sessions import LOCK_NAMESPACE
+
+    commit_c1(conn)
+    name = f"sigterm-{command}"
+    dsn = psycopg.conninfo.make_conninfo(db_url, application_name=name)
+    with connect(db_url, "holder") as holder, connect(db_url, "monitor", autocommit=True) as monitor:
+        holder.execute("select pg_advisory_xact_lock(%s, 1)", (LOCK_NAMESPACE,))
+        proc = subprocess.Popen([sys.executable, "-m", "flakectl", command, "--repo", "1", "--commit", "c1",
+                                 "--dsn", dsn], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={k: v for k, v in os.environ.items() if not k.startswith("FLAKECTL_")})
+        try:
+            pid = wait_until(monitor, name, "Lock", "advisory")
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+        assert (proc.returncode, out, err) == (143, "", "flakectl: terminated\n")
+        # the backend is gone (psycopg cancelled the statement, rolled back and closed before the
+        # command exited; the server ends the backend as it reads the close): nothing parked on the
+        # lock, nothing holding it
+        deadline = time.monotonic() + 20
+        while monitor.execute("select state from pg_stat_activity where pid = %s", (pid,)).fetchall():
+            assert time.monotonic() < deadline, "the backend stayed"
+            time.sleep(0.01)
+        assert monitor.execute("select count(*) from pg_locks where pid = %s and locktype = 'advisory'",
+                               (pid,)).fetchone() == (0,)
+        holder.rollback()
+    assert flakes_and_ledger(conn) == ([], [])

@@ -292,6 +292,16 @@ def err(line: str) -> None:
     print(line, file=sys.stderr)
 
 
+def printable(text: str) -> str:
+    r"""Text from the database (test names, shas from CI data) made safe for a
+    terminal: a backslash, and every character that is not printable (newline,
+    ESC of an ANSI sequence, other controls), shown as a Python escape
+    (`\\`, `\n`, `\x1b`), so a row is one line and nothing reaches the
+    terminal as a command."""
+    return "".join(c if c.isprintable() and c != "\\" else
+                   "\\\\" if c == "\\" else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def print_json(data: object) -> None:
     print(json.dumps(data, indent=2, default=str), file=sys.stdout)
 

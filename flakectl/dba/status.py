@@ -89,7 +89,7 @@ class Status:
             out.append(f"ledger     {self.ledger_rows} uploads")
         else:
             out.append(f"ledger     {self.ledger_rows} uploads; last: upload {self.last_upload_id}"
-                       f" of repo {self.last_repo_id}, commit {self.last_commit_sha or '-'},"
+                       f" of repo {self.last_repo_id}, commit {o.printable(self.last_commit_sha or '-')},"
                        f" at {self.last_processed_at:%Y-%m-%d %H:%M:%S%z}")
         out.append("")
         out.append(f"{'repo':>10}  {'open':>8}  {'expired':>8}")
@@ -103,7 +103,7 @@ class Status:
             for f in self.open_flakes:
                 since = f"{f.start_date:%Y-%m-%d %H:%M:%S%z}"  # an OutOfRange shows as `infinity`
                 out.append(f"{f.fail_count:>6}  {f.count:>6}  {f.recent_passes_count:>6}  "
-                           f"{since:<25}  {f.name or f.test_id}")
+                           f"{since:<25}  {o.printable(f.name) if f.name else f.test_id}")
             if self.open_total > len(self.open_flakes):
                 out.append(f"... and {self.open_total - len(self.open_flakes)} more (--limit)")
         return out
@@ -146,6 +146,11 @@ def read_status(conn: psycopg.Connection, repo_id: int | None = None, limit: int
             row = conn.execute("select version_num from alembic_version").fetchone()
             revision = row[0] if row else None
         if revision is None or not has_ledger:
+            if revision is not None:
+                raise NotInstalled(
+                    f"flakectl is partly installed in this database: it is at revision {revision},"
+                    f" which has the Codecov tables but not flakectl's ledger and functions (head is"
+                    f" {migrate.head()}); run `flakectl db upgrade` to finish the install")
             raise NotInstalled()
         (rows,) = conn.execute("select count(*) from flakectl.processed_upload").fetchone()
         last = conn.execute(

@@ -338,7 +338,7 @@ def _show(value: object) -> str:
         return "none"
     if hasattr(value, "isoformat"):
         return value.isoformat()
-    return str(value)
+    return o.printable(str(value))  # a sha from CI data may hold anything
 
 
 def _json_value(value: object) -> object:
