@@ -328,6 +328,13 @@ def test_refuses_the_same_database(dbs):
     assert catalog(dbs.m) == before
 
 
+def test_refuses_while_another_split_runs(dbs):
+    seed(dbs.m)
+    with psycopg.connect(dbs.r, autocommit=True) as other:
+        other.execute("select pg_advisory_lock(%s, 0)", (split.LOCK_KEY,))
+        _refused(dbs, "another flakectl split is running on the runs database")
+
+
 def test_refuses_a_main_database_without_flakes(dbs):
     q(dbs.m, "drop table test_analytics_flake")
     _refused(dbs, "has no public.test_analytics_flake and no split of its own in progress; nothing to split")

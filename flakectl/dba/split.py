@@ -68,6 +68,7 @@ STOP_ENV = "FLAKECTL_SPLIT_STOP_AFTER"  # tests: exit right after step N
 FDW_PACKAGE = ("postgres_fdw is a contrib module: install it on that database's server"
                " (Debian/Ubuntu: the postgresql-NN package ships it; RHEL and others:"
                " postgresqlNN-contrib or postgresql-contrib)")
+LOCK_KEY = 1718381412  # session advisory lock (LOCK_KEY, 0): one split at a time per database
 SPLIT_STEPS = 9
 UNDO_STEPS = 5
 
@@ -688,6 +689,10 @@ def split(main_dsn: str, runs_dsn: str, *, undo: bool = False, dry_run: bool = F
             _prepare(r)
             main = inspect("main", m, schema, describe(main_dsn))
             runs = inspect("runs", r, schema, describe(runs_dsn))
+            _preflight(main, runs)
+            for conn, label in ((m, "main"), (r, "runs")):
+                if not _scalar(conn, "select pg_try_advisory_lock(%s, 0)", (LOCK_KEY,)):
+                    raise _refuse(f"another flakectl split is running on the {label} database")
             if undo:
                 return do_undo(main, runs, out=out)
 
