@@ -633,6 +633,7 @@ def test_status(cli, db_url, repo):
     code, out, _ = cli("status", "--dsn", db_url)
     assert code == 0
     assert out.splitlines() == [
+        "layout     one database",
         f"revision   {HEAD} (head)",
         "functions  guard v0002, process_commit v0002, process_upload_set v0002, process_uploads v0002,"
         " prune_ledger v0001",
@@ -645,8 +646,8 @@ def test_status(cli, db_url, repo):
     assert cli("process", "--dsn", db_url, "--repo", "1", "--commit", "sha1")[0] == 0
     code, out, _ = cli("status", "--dsn", db_url, "--repo", "1", "--limit", "1")
     lines = out.splitlines()
-    assert re.fullmatch(rf"ledger     2 uploads; last: upload \d+ of repo 1, commit sha1, at \S+ \S+", lines[2])
-    assert lines[5:] == [
+    assert re.fullmatch(rf"ledger     2 uploads; last: upload \d+ of repo 1, commit sha1, at \S+ \S+", lines[3])
+    assert lines[6:] == [
         "         1         2         1",
         "         2         1         0",
         "",
@@ -672,6 +673,8 @@ def test_status_json(cli, db_url, repo):
     assert [(f["name"], f["fail_count"], f["count"], f["recent_passes_count"]) for f in data["open_flakes"]] == [
         (None, 2, 2, 0), ("tests/test_a.py::a", 1, 2, 1)]
     assert data["open_total"] == 2
+    assert data["layout"] == {"side": "one", "target": None, "link_answers": None, "link_error": None,
+                              "undone": False}
 
 
 # --- prune ------------------------------------------------------------------

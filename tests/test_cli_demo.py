@@ -125,3 +125,22 @@ def test_demo_ctrl_c_leaves_nothing_behind(capsys, monkeypatch, no_leftovers):
     assert capsys.readouterr().err.splitlines()[-1] == "flakectl: interrupted"
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(seen["dsn"], connect_timeout=2)
+
+
+def test_demo_split(capsys, no_leftovers):
+    """demo --split: two servers, split after commit 1, the rest processed in the runs
+    database; the same flakes as the one-database demo, and the main side reads them."""
+    assert main(["demo", *SMALL, "--split", "--json"]) == 0
+    split_report = json.loads(capsys.readouterr().out)
+    # as test_demo_small finds in one database
+    assert (len(split_report["found"]), split_report["missed"], split_report["falsely_flagged"]) == (2, [], [])
+    assert split_report["broken"]["state"] == "open" and len(split_report["flakes"]) == 3
+    assert [v["identical"] for v in split_report["verification"].values()] == [True, True]
+    lines = split_report["split"]
+    assert lines[0] == "commit 1 processed in the main database before the split"
+    assert lines[6].startswith("[6/9] main: writers of test_analytics_flake stopped (readers go on); copied 0"
+                               " flake(s) with their ids and 3 processed_upload row(s) to the runs database")
+    assert lines[-2] == ("every commit processed in the runs database: the ledger holds 12 of 12 uploads,"
+                         " each once (those of commit 1 skipped: the ledger moved)")
+    assert lines[-1].startswith("the main database reads 3 flakes (md5 ")
+    assert lines[-1].endswith(" through the link: the same as the runs database")

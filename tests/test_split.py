@@ -12,19 +12,24 @@ from __future__ import annotations
 import glob
 import itertools
 import os
-from datetime import timedelta
+from dataclasses import replace
 
 import psycopg
 import pytest
+from hypothesis import given, settings
 
 import flakectl
+from flakectl import reference
 from flakectl.cli import main
 from flakectl.dba import migrate, split
 from flakectl.dba.connection import describe
+from flakectl.dba.status import read_status
 from flakectl.dba.split import SplitFailed, SplitRefused
 from flakectl.lab.pgserver import ThrowawayServer
 
 from builders import Repo, at
+from dbdata import assert_state, insert
+from test_differential import _materialize, histories
 from conftest import create_database, drop_database
 from sessions import InThread, wait_until
 
@@ -156,6 +161,8 @@ def test_split_moves_flakes_and_ledger_and_undo_brings_them_back(dbs):
     assert flakes(dbs.m) == before == flakes(dbs.r) == flakes(dbs.m, "test_analytics_flake_pre_split")
     with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="does not allow updates"):
         q(dbs.m, "update test_analytics_flake set count = 0")
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="does not allow truncates"):
+        q(dbs.m, "truncate test_analytics_flake")
     # R: the ledger moved, the reports are read-only foreign tables, the sequence past the ids
     assert q(dbs.r, "select * from flakectl.processed_upload order by 1") == ledger_before
     assert q(dbs.r, "select c.relname, c.relkind::text from pg_class c where relname in"
@@ -163,6 +170,8 @@ def test_split_moves_flakes_and_ledger_and_undo_brings_them_back(dbs):
         ("commits", "f"), ("reports_commitreport", "f"), ("reports_upload", "f"), ("ta_timeseries_testrun", "r")]
     with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="does not allow inserts"):
         q(dbs.r, "insert into commits (commitid, repoid) values ('x', 1)")
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="does not allow truncates"):
+        q(dbs.r, "truncate reports_upload")
     assert q(dbs.r, "select nextval(pg_get_serial_sequence('test_analytics_flake', 'id'))")[0][0] > max(
         f[0] for f in before)
 
@@ -276,9 +285,40 @@ def test_the_command(capsys, monkeypatch, dbs):
     assert (code, out) == (1, "")
     assert err == (f"flakectl: error: split refused, nothing was changed: --main-dsn and --runs-dsn name the"
                    f" same database ({describe(dbs.m_dsn)}); the split layout needs two databases\n")
+    # status says which side it looks at and whether the link answers
+    m_where, r_where = (f"127.0.0.1:{s.port}/{n}" for s, n in ((dbs.m_server, dbs.m_name),
+                                                               (dbs.r_server, dbs.r_name)))
+    code, out, err = cli("status", "--dsn", dbs.r)
+    assert (code, err) == (0, "")
+    assert out.splitlines()[:2] == [
+        f"layout     runs side of a split: the reports are read from the main database {m_where}"
+        " (server flakectl_main, read-only)",
+        "link       answers"]
+    code, out, err = cli("status", "--dsn", dbs.m)
+    assert (code, err) == (0, "")
+    assert out.splitlines()[:2] == [
+        f"layout     main side of a split: the flakes are read from the runs database {r_where}"
+        " (server flakectl_runs, read-only); process there",
+        "link       answers"]
     code, out, err = cli("split", "--main-dsn", dbs.m_dsn, "--runs-dsn", dbs.r_dsn, "--undo")
     assert (code, err) == (0, "")
     assert out.splitlines()[-1].startswith("undone: process in the main database again")
+    assert cli("status", "--dsn", dbs.m)[1].splitlines()[0] == "layout     one database"
+    assert cli("status", "--dsn", dbs.r)[1].splitlines()[0].endswith(
+        "; calls stopped: the flakes were moved back by `flakectl split --undo`")
+
+
+def test_status_of_a_main_database_without_flakectl(capsys, codecov_dbs):
+    d = codecov_dbs
+    with psycopg.connect(d.m) as c:
+        Repo(c, 1).flake("a")
+    assert d.split()[0] == 0
+    capsys.readouterr()
+    assert main(["status", "--dsn", d.m]) == 1
+    assert capsys.readouterr().err == (
+        "flakectl: error: flakectl is not installed in this database, the main side of a split: it runs in"
+        f" the runs database 127.0.0.1:{d.r_server.port}/{d.r_name} (link answers); run `flakectl status`"
+        " there\n")
 
 
 # --------------------------------------------------------------------------
@@ -484,9 +524,58 @@ def test_main_database_down(dbs, pair):
             # the worker that holds its upload ids goes on
             summary = flakectl.process_uploads(c, 1, [4242])
             c.commit()
+            link = read_status(c).layout
+            assert (link.side, link.answers) == ("runs", False)
+            assert 'could not connect to server "flakectl_main"' in link.error
         assert (summary.uploads_processed, summary.flakes_created, summary.testruns_marked) == (1, 1, 1)
     finally:
         _restart(m_server)
     with psycopg.connect(dbs.r) as c:
         assert flakectl.process_commit(c, 1, "sha2").uploads_processed == 1
     assert flakes(dbs.m) == flakes(dbs.r)
+
+
+# --------------------------------------------------------------------------
+# The differential cases in the runs database
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def split_conns(pair):
+    """A split deployment (Codecov's main database, no flakes yet): connections to M and R."""
+    d = Dbs(pair, "codecov_template")
+    assert d.split()[0] == 0
+    with psycopg.connect(d.m) as m, psycopg.connect(d.r) as r:
+        yield m, r
+    d.drop()
+
+
+@settings(max_examples=min(settings().max_examples, 40))
+@given(history=histories())
+def test_function_equals_reference_in_the_runs_database(split_conns, history):
+    """test_differential's cases, with the reports in M (read across the link) and the
+    runs, flakes and ledger in R: the same results as in one database."""
+    m, r = split_conns
+    try:
+        (now,) = r.execute("select now()").fetchone()
+        expected = _materialize(now, history)
+        insert(m, replace(expected, testruns=(), flakes=(), ledger=frozenset()))
+        m.commit()
+        insert(r, replace(expected, commits=(), reports=(), uploads=()))
+        known_ids = {f.id for f in expected.flakes}
+        for call in history[-1]:
+            options = {k: call[k] for k in ("lookback", "expire_after", "dry_run") if k in call}
+            if call["kind"] == "commit":
+                want = reference.process_commit(expected, call["repo"], call["sha"], **options)
+                got = flakectl.process_commit(r, call["repo"], call["sha"], **options)
+            else:
+                want = reference.process_uploads(expected, call["repo"], call["ids"], **options)
+                got = flakectl.process_uploads(r, call["repo"], call["ids"], **options)
+            assert got == want.summary, call
+            expected = reference.apply(expected, want)
+            assert_state(r, expected, known_ids)
+    finally:
+        r.rollback()
+        m.rollback()
+        m.execute("truncate reports_upload, reports_commitreport, commits")
+        m.commit()

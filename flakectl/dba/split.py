@@ -213,7 +213,10 @@ def link_options(conn: psycopg.Connection, link_dsn: str | None) -> tuple[dict[s
             params["password"] = conn.info.password
     server = {k: str(v) for k, v in params.items() if k not in _MAPPING_KEYS and k not in _NEVER_LINK}
     mapping = {k: str(v) for k, v in params.items() if k in _MAPPING_KEYS}
-    server["updatable"] = "false"  # writes never cross the link
+    server["updatable"] = "false"  # writes never cross the link: neither
+    server["truncatable"] = "false"  # row by row nor by TRUNCATE (postgres_fdw allows it by default)
+    server.setdefault("connect_timeout", "10")  # a dead link fails a call, it does not hang it
+    server.setdefault("fetch_size", "10000")  # rows per round trip (postgres_fdw's default: 100)
     return server, mapping
 
 
@@ -409,7 +412,7 @@ def _flake_table_sql(main: Side, columns: list[tuple[str, str, bool]], runs_sche
         sql.SQL("{} {}{}").format(sql.Identifier(n), sql.SQL(t), sql.SQL(" not null" if nn else ""))
         for n, t, nn in columns)
     return sql.SQL("create foreign table {} ({}) server {} options (schema_name {}, table_name {},"
-                   " updatable 'false')").format(main.q(FLAKE), cols, sql.Identifier(RUNS_SERVER),
+                   " updatable 'false', truncatable 'false')").format(main.q(FLAKE), cols, sql.Identifier(RUNS_SERVER),
                                                   sql.Literal(runs_schema), sql.Literal(FLAKE))
 
 
@@ -558,8 +561,9 @@ def _ensure_report_tables(main: Side, runs: Side) -> str:
             (options,) = conn.execute(
                 "select ftoptions from pg_foreign_table where ftrelid = %s::regclass",
                 (sql.Identifier(runs.schema, t).as_string(conn),)).fetchone()
-            if "updatable=false" not in (options or []):
-                change = _options_sql(_parse_options(options), {**_parse_options(options), "updatable": "false"})
+            current = _parse_options(options)
+            change = _options_sql(current, {**current, "updatable": "false", "truncatable": "false"})
+            if change is not None:
                 conn.execute(sql.SQL("alter foreign table {} {}").format(sql.Identifier(runs.schema, t), change))
     if missing:
         return f"read-only foreign table(s) {', '.join(missing)} reading the main database's"
@@ -656,6 +660,66 @@ def do_undo(main: Side, runs: Side, *, out: Callable[[str], None]) -> int:
     out(f"undone: process in the main database again ({main.where}); calls in the runs database"
         " fail until the next `flakectl split`")
     return 0
+
+
+# --------------------------------------------------------------------------
+# Which layout a database is in (flakectl status)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    side: str  # "one" (one database), "main" or "runs" (a side of a split)
+    target: str | None = None  # the other side, as the link's server options name it
+    answers: bool | None = None  # the link, tried once
+    error: str | None = None
+    undone: bool = False  # runs side after `split --undo`: calls stopped
+
+    def describe(self) -> str:
+        if self.side == "main":
+            return (f"main side of a split: the flakes are read from the runs database {self.target}"
+                    f" (server {RUNS_SERVER}, read-only); process there")
+        if self.side == "runs":
+            text = (f"runs side of a split: the reports are read from the main database {self.target}"
+                    f" (server {MAIN_SERVER}, read-only)")
+            if self.undone:
+                text += "; calls stopped: the flakes were moved back by `flakectl split --undo`"
+            return text
+        return "one database"
+
+    def link(self) -> str | None:
+        if self.side == "one":
+            return None
+        return "answers" if self.answers else f"does not answer: {self.error}"
+
+    def as_json(self) -> dict:
+        return {"side": self.side, "target": self.target, "link_answers": self.answers,
+                "link_error": self.error, "undone": self.undone}
+
+
+def layout(conn: psycopg.Connection) -> Layout:
+    """The layout `conn`'s database is in, and whether its link answers (tried in a
+    savepoint: a dead link leaves the caller's transaction usable)."""
+    row = conn.execute(
+        "select s.srvname, s.srvoptions, n.nspname, c.relname"
+        "  from pg_foreign_table t join pg_foreign_server s on s.oid = t.ftserver"
+        "  join pg_class c on c.oid = t.ftrelid join pg_namespace n on n.oid = c.relnamespace"
+        " where (s.srvname = %s and c.relname = %s) or (s.srvname = %s and c.relname = 'commits')"
+        " order by s.srvname = %s desc limit 1", (RUNS_SERVER, FLAKE, MAIN_SERVER, RUNS_SERVER)).fetchone()
+    if row is None:
+        return Layout("one")
+    server, options, schema, table = row
+    opts = _parse_options(options)
+    target = f"{opts.get('host', '(default host)')}:{opts.get('port', '5432')}/{opts.get('dbname', '(default)')}"
+    side = "main" if server == RUNS_SERVER else "runs"
+    undone = side == "runs" and bool(_scalar(conn, "select count(*) from pg_namespace where nspname = %s",
+                                             (GUARD_SCHEMA,)))
+    try:
+        with conn.transaction():
+            conn.execute(sql.SQL("select 1 from {} limit 1").format(sql.Identifier(schema, table)))
+        return Layout(side, target, True, undone=undone)
+    except psycopg.Error as exc:
+        return Layout(side, target, False, " ".join(str(exc).split()), undone=undone)
 
 
 # --------------------------------------------------------------------------

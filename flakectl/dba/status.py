@@ -20,6 +20,7 @@ from flakectl import sqlfiles
 from flakectl.dba import migrate
 from flakectl.dba import options as o
 from flakectl.dba.snapshot import register_timestamps
+from flakectl.dba.split import Layout, layout
 from flakectl.errors import NotInstalled, wrap_exceptions
 
 
@@ -68,9 +69,11 @@ class Status:
     repo_id: int | None = None
     open_flakes: tuple[OpenFlake, ...] = field(default=())
     open_total: int = 0
+    layout: Layout = Layout("one")  # one database, or a side of a split (flakectl split)
 
     def as_json(self) -> dict:
         data = asdict(self)
+        data["layout"] = self.layout.as_json()
         data["functions"] = {f.name: f.label for f in self.functions}
         for flake in data["open_flakes"]:
             flake["start_date"] = flake["start_date"].isoformat()
@@ -83,7 +86,8 @@ class Status:
 
     def lines(self) -> list[str]:
         head = "head" if self.revision == self.head else f"head is {self.head}: run `flakectl db upgrade`"
-        out = [f"revision   {self.revision} ({head})",
+        out = layout_lines(self.layout)
+        out += [f"revision   {self.revision} ({head})",
                "functions  " + ", ".join(f"{f.name} {f.label}" for f in self.functions)]
         if self.last_upload_id is None:
             out.append(f"ledger     {self.ledger_rows} uploads")
@@ -107,6 +111,13 @@ class Status:
             if self.open_total > len(self.open_flakes):
                 out.append(f"... and {self.open_total - len(self.open_flakes)} more (--limit)")
         return out
+
+
+def layout_lines(layout: Layout) -> list[str]:
+    lines = [f"layout     {layout.describe()}"]
+    if layout.link() is not None:
+        lines.append(f"link       {layout.link()}")
+    return lines
 
 
 def released_bodies() -> dict[str, dict[int, str]]:
@@ -137,6 +148,7 @@ def functions(conn: psycopg.Connection) -> tuple[Function, ...]:
 def read_status(conn: psycopg.Connection, repo_id: int | None = None, limit: int = 50) -> Status:
     register_timestamps(conn)
     with wrap_exceptions(), conn.transaction():
+        where = layout(conn)
         (has_version, has_ledger) = conn.execute(
             "select to_regclass('alembic_version') is not null,"
             "       to_regclass('flakectl.processed_upload') is not null"
@@ -146,6 +158,10 @@ def read_status(conn: psycopg.Connection, repo_id: int | None = None, limit: int
             row = conn.execute("select version_num from alembic_version").fetchone()
             revision = row[0] if row else None
         if revision is None or not has_ledger:
+            if where.side == "main":
+                raise NotInstalled("flakectl is not installed in this database, the main side of a split:"
+                                   f" it runs in the runs database {where.target} (link"
+                                   f" {where.link()}); run `flakectl status` there")
             if revision is not None:
                 raise NotInstalled(
                     f"flakectl is partly installed in this database: it is at revision {revision},"
@@ -157,7 +173,7 @@ def read_status(conn: psycopg.Connection, repo_id: int | None = None, limit: int
             "select upload_id, repo_id, commit_sha, processed_at from flakectl.processed_upload"
             " order by processed_at desc, upload_id desc limit 1"
         ).fetchone() or (None, None, None, None)
-        repos = conn.execute(
+        repos = [] if where.side == "main" and not where.answers else conn.execute(
             "select repoid, count(*) filter (where end_date is null),"
             "       count(*) filter (where end_date is not null)"
             "  from test_analytics_flake group by repoid order by repoid"
@@ -191,7 +207,7 @@ def read_status(conn: psycopg.Connection, repo_id: int | None = None, limit: int
         revision=revision, head=migrate.head(), functions=funcs, ledger_rows=rows,
         last_upload_id=last[0], last_repo_id=last[1], last_commit_sha=last[2],
         last_processed_at=last[3], repos=tuple(RepoFlakes(*r) for r in repos),
-        repo_id=repo_id, open_flakes=tuple(open_flakes), open_total=open_total,
+        repo_id=repo_id, open_flakes=tuple(open_flakes), open_total=open_total, layout=where,
     )
 
 

@@ -98,6 +98,8 @@ class DemoReport:
     truth: Truth
     seconds_per_commit: list[float] = field(default_factory=list)
     verifications: list[tuple[int, Verification]] = field(default_factory=list)
+    split: list[str] = field(default_factory=list)  # demo --split: what split did, what M reads
+    split_identical: bool = True  # demo --split: M reads the flakes R holds
 
     @property
     def found(self) -> list[int]:
@@ -114,7 +116,7 @@ class DemoReport:
 
     @property
     def verified(self) -> bool:
-        return all(v.identical for _, v in self.verifications)
+        return self.split_identical and all(v.identical for _, v in self.verifications)
 
     def as_json(self) -> dict:
         broken = self.tests[self.truth.broken_test]
@@ -134,6 +136,7 @@ class DemoReport:
                        for t in self._flagged()],
             "verification": {str(c): v.as_json() for c, v in self.verifications},
             "seconds_per_commit": [round(s, 4) for s in self.seconds_per_commit],
+            **({"split": self.split} if self.split else {}),
         }
 
     def _flagged(self) -> list[TestOutcome]:
@@ -144,6 +147,9 @@ class DemoReport:
         s = self.size
         out = [f"flakectl demo: {s.commits} commits x {s.uploads} uploads x {s.tests:,} tests"
                f" = {self.runs:,} test runs (seed {s.seed})", ""]
+        if self.split:
+            out += ["split layout (two servers): main = commits, reports_*; runs = test runs, flakectl,"
+                    " flakes", *[f"  {line}" for line in self.split], ""]
         flagged = self._flagged()
         out.append(f"flakes found: {len(flagged)} tests, most failing first")
         out.append(f"  {'fails':>5}  {'count':>5}  {'rows':>4}  {'state':<7}  {'truth':<10}  test")
@@ -289,17 +295,21 @@ _GENERATE = [
 ]
 
 
-def generate(conn: psycopg.Connection, size: DemoSize, truth: Truth) -> tuple[list[str], dict[int, TestOutcome], int]:
-    """Write the history; the commit shas in order, the tests that fail or are flaky, the run count."""
+def _params(conn: psycopg.Connection, size: DemoSize, truth: Truth) -> dict:
     # Keep every run inside the default one-day lookback, however many commits.
     spacing = min(timedelta(minutes=20), timedelta(hours=20) / size.commits)
     (now,) = conn.execute("select now()").fetchone()
-    params = {
+    return {
         "tests": size.tests, "commits": size.commits, "uploads": size.uploads, "seed": size.seed,
         "repo": REPO_ID, "spacing": spacing, "start": now - spacing * size.commits - timedelta(hours=1),
         "flaky": list(truth.flaky), "probs": list(truth.flaky.values()),
         "broken_commit": truth.broken_commit, "broken_test": truth.broken_test, "retry": RETRY_SHARE,
     }
+
+
+def generate(conn: psycopg.Connection, size: DemoSize, truth: Truth) -> tuple[list[str], dict[int, TestOutcome], int]:
+    """Write the history; the commit shas in order, the tests that fail or are flaky, the run count."""
+    params = _params(conn, size, truth)
     with conn.transaction():
         for statement in _GENERATE:
             conn.execute(statement, params)
@@ -343,23 +353,38 @@ def read_flakes(conn: psycopg.Connection, tests: dict[int, TestOutcome]) -> None
 # --------------------------------------------------------------------------
 
 
-def run_demo(size: DemoSize, *, json_output: bool, out: TextIO, err: TextIO) -> int:
-    """Run the whole demo; 0, or 1 when the function and the reference disagree."""
+def run_demo(size: DemoSize, *, json_output: bool, out: TextIO, err: TextIO, split: bool = False) -> int:
+    """Run the whole demo; 0, or 1 when the function and the reference disagree
+    (or, with `split`, when the main database does not read the runs database's flakes)."""
     truth = Truth.draw(size)
     progress = Progress(err)
+    if split:
+        try:
+            report = _run_split(size, truth, progress)
+        finally:
+            progress.done()
+        return _report(report, json_output, out)
     try:
         progress.step("starting a throwaway PostgreSQL")
         with ThrowawayServer() as server:
             progress.done(f"PostgreSQL {server.version} ({progress.elapsed()})")
-            progress.step("installing flakectl (flakectl db upgrade)")
-            migrate.upgrade(server.url)
-            progress.done(f"at {migrate.head()} ({progress.elapsed()})")
+            _install(server.url, progress, "installing flakectl (flakectl db upgrade)")
             with psycopg.connect(server.url, autocommit=True) as conn:
                 report = _run(conn, size, truth, progress)
             progress.step("stopping the server and deleting its files")
         progress.done("done")
     finally:
         progress.done()
+    return _report(report, json_output, out)
+
+
+def _install(url: str, progress: Progress, what: str) -> None:
+    progress.step(what)
+    migrate.upgrade(url)
+    progress.done(f"at {migrate.head()} ({progress.elapsed()})")
+
+
+def _report(report: DemoReport, json_output: bool, out: TextIO) -> int:
     if json_output:
         out.write(json.dumps(report.as_json(), indent=2) + "\n")
     else:
@@ -367,10 +392,71 @@ def run_demo(size: DemoSize, *, json_output: bool, out: TextIO, err: TextIO) -> 
     return 0 if report.verified else 1
 
 
-def _run(conn: psycopg.Connection, size: DemoSize, truth: Truth, progress: Progress) -> DemoReport:
+def _run_split(size: DemoSize, truth: Truth, progress: Progress) -> DemoReport:
+    """The demo in Codecov's split layout: the history generated in the main
+    database M (a one-database deployment), `flakectl split` to a runs database R
+    on a second server, the runs moved to R (where Codecov keeps them), every
+    commit processed in R, and M reading the same flakes through the link."""
+    from flakectl.dba.split import FLAKE, split
+
+    progress.step("starting two throwaway PostgreSQL servers (main, runs)")
+    with ThrowawayServer() as main_server, ThrowawayServer() as runs_server:
+        progress.done(f"PostgreSQL {main_server.version} ({progress.elapsed()})")
+        _install(main_server.url, progress, "installing flakectl in the main database (a one-database deployment)")
+        with psycopg.connect(main_server.url, autocommit=True) as m:
+            history = _generate(m, size, truth, progress)
+            before = truth.broken_commit - 1  # the broken commit is verified in the runs database
+            first = "no commit" if before == 0 else "commit 1" if before == 1 else f"commits 1-{before}"
+            progress.step(f"processing {first} in the main database (one database)")
+            for sha in history[0][:before]:
+                api.process_commit(m, REPO_ID, sha)
+            progress.done(f"({progress.elapsed()})")
+            progress.step("flakectl split --main-dsn MAIN --runs-dsn RUNS")
+            lines = [f"{first} processed in the main database before the split"]
+            split(main_server.url, runs_server.url, out=lines.append)
+            progress.done(f"({progress.elapsed()})")
+            with psycopg.connect(runs_server.url, autocommit=True) as r:
+                progress.step("moving the test runs to the runs database")
+                columns = [c for (c,) in m.execute(
+                    "select attname from pg_attribute where attrelid = 'ta_timeseries_testrun'::regclass"
+                    " and attnum > 0 and not attisdropped order by attnum")]
+                listed = ", ".join(columns)
+                with m.cursor().copy(f"copy ta_timeseries_testrun ({listed}) to stdout") as source, \
+                        r.cursor().copy(f"copy ta_timeseries_testrun ({listed}) from stdin") as target:
+                    for data in source:
+                        target.write(data)
+                m.execute("truncate ta_timeseries_testrun")
+                r.execute("analyze")
+                progress.done(f"{history[2]:,} runs ({progress.elapsed()})")
+                r.execute(_GENERATE[0], _params(r, size, truth))  # the test names, for the report
+                report = _run(r, size, truth, progress, history)
+                query = (f"select count(*), md5(coalesce(string_agg(f::text, ',' order by id), ''))"
+                         f" from {FLAKE} f")
+                in_runs, in_main = r.execute(query).fetchone(), m.execute(query).fetchone()
+                (ledger,) = r.execute("select count(*) from flakectl.processed_upload").fetchone()
+        progress.step("stopping the servers and deleting their files")
+    progress.done("done")
+    uploads = size.commits * size.uploads
+    report.split = [*lines,
+                    f"every commit processed in the runs database: the ledger holds {ledger} of {uploads}"
+                    f" uploads, each once (those of {first} skipped: the ledger moved)",
+                    f"the main database reads {in_main[0]} flakes (md5 {in_main[1]}) through the link: "
+                    + ("the same as the runs database" if in_main == in_runs
+                       else f"DIFFERENT from the runs database's {in_runs[0]} (md5 {in_runs[1]})")]
+    report.split_identical = in_main == in_runs and ledger == uploads
+    return report
+
+
+def _generate(conn: psycopg.Connection, size: DemoSize, truth: Truth, progress: Progress):  # noqa: ANN202
     progress.step(f"generating {size.commits} commits x {size.uploads} uploads x {size.tests:,} tests")
-    shas, tests, runs = generate(conn, size, truth)
-    progress.done(f"{runs:,} runs ({progress.elapsed()})")
+    history = generate(conn, size, truth)
+    progress.done(f"{history[2]:,} runs ({progress.elapsed()})")
+    return history
+
+
+def _run(conn: psycopg.Connection, size: DemoSize, truth: Truth, progress: Progress,
+         history: tuple | None = None) -> DemoReport:
+    shas, tests, runs = history or _generate(conn, size, truth, progress)
 
     report = DemoReport(size=size, runs=runs, commits=shas, tests=tests, truth=truth)
     to_verify = sorted({truth.broken_commit, size.commits})
@@ -401,7 +487,8 @@ def _run(conn: psycopg.Connection, size: DemoSize, truth: Truth, progress: Progr
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.example(parser, "  flakectl demo\n"
-                      "  flakectl demo --commits 4 --uploads 3 --tests 200   # a small one\n\n"
+                      "  flakectl demo --commits 4 --uploads 3 --tests 200   # a small one\n"
+                      "  flakectl demo --split   # Codecov's split layout, on two servers\n\n"
                       "Needs the PostgreSQL server binaries (initdb, postgres; FLAKECTL_PG_BIN); leaves\n"
                       "no server or files behind, also on Ctrl-C.")
     o.option(parser, "--commits", type=o.positive_int, default=30, metavar="N", help="merged commits")
@@ -411,10 +498,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.option(parser, "--flaky-share", type=o.share, default=0.01, metavar="X",
              help="share of tests that are genuinely flaky")
     o.option(parser, "--seed", type=o.whole, default=1, metavar="N", help="random seed (same seed, same data)")
+    o.option(parser, "--split", switch=True,
+             help="Codecov's split layout: two servers, `flakectl split`, processed in the runs database")
     o.json_flag(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     size = DemoSize(commits=args.commits, uploads=args.uploads, tests=args.tests,
                     flaky_share=args.flaky_share, seed=args.seed)
-    return run_demo(size, json_output=args.json, out=sys.stdout, err=sys.stderr)
+    return run_demo(size, json_output=args.json, out=sys.stdout, err=sys.stderr, split=args.split)
