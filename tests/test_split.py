@@ -375,6 +375,26 @@ def test_refuses_while_another_split_runs(dbs):
         _refused(dbs, "another flakectl split is running on the runs database")
 
 
+def _without_fdw() -> str:
+    """PostgreSQL 16.2 from the pgserver wheel, which ships no postgres_fdw
+    (.ci/pg-versions installs it before the suite runs)."""
+    root = "/opt/flakectl-pg" if os.geteuid() == 0 else os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "flakectl-pg")
+    return os.path.join(root, "pgserver-0.1.4", "pgserver", "pginstall", "bin")
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(_without_fdw(), "postgres")),
+                    reason="the pgserver 0.1.4 wheel's server (.ci/pg-versions) is not installed")
+def test_refuses_a_server_without_postgres_fdw(dbs):
+    seed(dbs.m)
+    with ThrowawayServer(bin_dir=_without_fdw()) as bare:
+        dbs.r = dbs.r_dsn = bare.url
+        message = _refused(dbs, "postgres_fdw is not available in the runs database")
+    assert message.endswith("postgres_fdw is a contrib module: install it on that database's server"
+                            " (Debian/Ubuntu: the postgresql-NN package ships it; RHEL and others:"
+                            " postgresqlNN-contrib or postgresql-contrib)")
+
+
 def test_refuses_a_main_database_without_flakes(dbs):
     q(dbs.m, "drop table test_analytics_flake")
     _refused(dbs, "has no public.test_analytics_flake and no split of its own in progress; nothing to split")
