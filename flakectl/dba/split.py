@@ -734,6 +734,13 @@ def _prepare(conn: psycopg.Connection) -> None:
         conn.execute("select set_config(%s, %s, false)", (setting, value))
 
 
+def _recorded_schema(conn: psycopg.Connection) -> str | None:
+    """The Codecov schema a flakectl install recorded (revision 0005), if any."""
+    if not _scalar(conn, "select to_regclass('flakectl.codecov_schema') is not null"):
+        return None
+    return _scalar(conn, "select name from flakectl.codecov_schema")
+
+
 def _connect(dsn: str, label: str, flag: str) -> psycopg.Connection:
     try:
         return connect(dsn)
@@ -744,13 +751,14 @@ def _connect(dsn: str, label: str, flag: str) -> psycopg.Connection:
 
 
 def split(main_dsn: str, runs_dsn: str, *, undo: bool = False, dry_run: bool = False,
-          schema: str = "public", main_link_dsn: str | None = None, runs_link_dsn: str | None = None,
+          schema: str | None = None, main_link_dsn: str | None = None, runs_link_dsn: str | None = None,
           out: Callable[[str], None] = print) -> int:
     """Run the split (or its undo); the exit code. Raises SplitRefused / SplitFailed / FlakectlError."""
     with _connect(main_dsn, "main", "--main-dsn") as m, _connect(runs_dsn, "runs", "--runs-dsn") as r:
         try:
             _prepare(m)
             _prepare(r)
+            schema = schema or _recorded_schema(m) or _recorded_schema(r) or "public"
             main = inspect("main", m, schema, describe(main_dsn))
             runs = inspect("runs", r, schema, describe(runs_dsn))
             _preflight(main, runs)
@@ -761,9 +769,15 @@ def split(main_dsn: str, runs_dsn: str, *, undo: bool = False, dry_run: bool = F
                 return do_undo(main, runs, out=out)
 
             def install() -> str:
+                from alembic import command
+
                 from flakectl.dba import dbadmin
 
-                before, after = dbadmin.upgrade(runs_dsn, "head")
+                def upgrade(cfg, revision: str) -> None:  # noqa: ANN001 - alembic Config
+                    cfg.attributes["codecov_schema"] = schema  # R's install records M's schema
+                    command.upgrade(cfg, revision)
+
+                before, after = dbadmin._run(runs_dsn, upgrade, "head")  # noqa: SLF001
                 return (f"flakectl installed ({before or 'nothing'} -> {after})" if before != after
                         else f"flakectl already at {after}")
 
@@ -794,8 +808,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.option(parser, "--undo", switch=True,
              help="bring every flake back into the main database as a regular table, remove the link")
     o.option(parser, "--dry-run", switch=True, help="print the plan, change nothing")
-    o.option(parser, "--codecov-schema", default="public", metavar="NAME",
-             help="the schema of Codecov's tables, on both sides")
+    o.option(parser, "--codecov-schema", metavar="NAME",
+             help="the schema of Codecov's tables, on both sides (default: the one a flakectl install"
+                  " recorded in either database, else public)")
     o.option(parser, "--main-link-dsn", metavar="DSN",
              help="how the runs database's server reaches the main one (default: from --main-dsn)")
     o.option(parser, "--runs-link-dsn", metavar="DSN",
