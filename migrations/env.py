@@ -9,6 +9,13 @@ key=value DSN (`host=... dbname=...`).
 Run by the `alembic` command (config.cmd_opts set), it logs each revision it
 runs, as Alembic's own logging configuration would, and a server error is
 Alembic's one `FAILED:` message with the server's DETAIL and HINT, not a traceback.
+
+The Codecov schema (`-x codecov_schema=NAME`, `config.attributes
+["codecov_schema"]`, default `public`; once installed, the one recorded in
+flakectl.codecov_schema) is put first on the migration transaction's
+search_path, so the released revisions that name Codecov's tables unqualified
+(0002's index and checks) reach them there; Alembic's own version table stays
+where the session's search_path finds or puts it, as before.
 """
 
 from __future__ import annotations
@@ -20,10 +27,46 @@ from alembic import context
 from alembic.util import CommandError
 from sqlalchemy.exc import DBAPIError
 
-from flakectl.dba.migrate import MIGRATION_LOCK_KEY, engine as make_engine
+from flakectl.dba.migrate import MIGRATION_LOCK_KEY, requested_codecov_schema, sql_literal
+from flakectl.dba.migrate import engine as make_engine
 from flakectl.errors import DataWouldBeLost, FlakectlError
 
 config = context.config
+
+
+def codecov_search_path() -> str:
+    """A DO block: the Codecov schema first on this transaction's search_path;
+    refuses (22023) an explicit schema other than the recorded one."""
+    schema, explicit = requested_codecov_schema(context)
+    return (
+        "do $flakectl$\n"
+        "declare\n"
+        f"  v_asked text := {sql_literal(schema)};\n"
+        "  v_schema text := v_asked;\n"
+        "begin\n"
+        "  if to_regclass('flakectl.codecov_schema') is not null then\n"
+        "    select name into v_schema from flakectl.codecov_schema;\n"
+        f"    if {'true' if explicit else 'false'} and v_schema is distinct from v_asked then\n"
+        "      raise exception using errcode = '22023',\n"
+        "        message = format('flakectl: installed for the Codecov schema %I, not %I; nothing was changed',"
+        " v_schema, v_asked),\n"
+        "        hint = 'Omit codecov_schema, or name the recorded one.';\n"
+        "    end if;\n"
+        "  end if;\n"
+        "  perform set_config('search_path', format('%I, ', coalesce(v_schema, v_asked))"
+        " || current_setting('search_path'), true);\n"
+        "end\n"
+        "$flakectl$"
+    )
+
+
+def version_table_schema(connection) -> str | None:  # noqa: ANN001
+    """Where Alembic's version table is, or would be created, on the session's
+    own search_path (before codecov_search_path changes it)."""
+    return connection.exec_driver_sql(
+        "select coalesce((select n.nspname from pg_class c join pg_namespace n on n.oid = c.relnamespace"
+        " where c.oid = to_regclass('alembic_version')), current_schema())"
+    ).scalar()
 
 
 def main_option(name: str) -> str | None:
@@ -120,6 +163,7 @@ def run_offline() -> None:
     context.get_context().dialect.insert_returning = False
     with context.begin_transaction():
         context.execute(offline_start_check())
+        context.execute(codecov_search_path())
         context.run_migrations()
 
 
@@ -160,17 +204,22 @@ $flakectl$"""
 def run_online() -> None:
     connection = config.attributes.get("connection")
     if connection is not None:
-        context.configure(connection=connection, transactional_ddl=True)
+        context.configure(connection=connection, transactional_ddl=True,
+                          version_table_schema=version_table_schema(connection))
         with context.begin_transaction():
             before_steps(connection)
+            context.execute(codecov_search_path())
             context.run_migrations()
         return
     engine = make_engine(database_url())
     try:
         with engine.connect() as conn:
-            context.configure(connection=conn, transactional_ddl=True)
+            schema = version_table_schema(conn)
+            conn.rollback()  # Alembic begins the migration's own transaction
+            context.configure(connection=conn, transactional_ddl=True, version_table_schema=schema)
             with context.begin_transaction():
                 before_steps(conn)
+                context.execute(codecov_search_path())
                 context.run_migrations()
     finally:
         engine.dispose()

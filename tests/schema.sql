@@ -22,6 +22,7 @@ CREATE TYPE flakectl.summary AS (
 
 CREATE FUNCTION flakectl.guard(p_repo_id bigint, p_lookback interval, p_expire_after integer, p_dry_run boolean, p_wait boolean) RETURNS void
     LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 declare
   v_isolation text := current_setting('transaction_isolation');
@@ -72,7 +73,8 @@ end;
 $$;
 
 CREATE FUNCTION flakectl.process_commit(repo_id bigint, commit_sha text, lookback interval DEFAULT '1 day'::interval, expire_after integer DEFAULT 30, dry_run boolean DEFAULT false, wait boolean DEFAULT true) RETURNS flakectl.summary
-    LANGUAGE plpgsql
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
     SET plan_cache_mode TO 'force_custom_plan'
     SET jit TO 'off'
     AS $$
@@ -95,9 +97,9 @@ begin
 
   select coalesce(array_agg(distinct u.id order by u.id), '{}')
     into v_candidates
-    from commits c
-    join reports_commitreport r on r.commit_id = c.id
-    join reports_upload u on u.report_id = r.id
+    from public.commits c
+    join public.reports_commitreport r on r.commit_id = c.id
+    join public.reports_upload u on u.report_id = r.id
    where c.repoid = v_repo_id
      and c.commitid = v_commit_sha
      and r.report_type = 'test_results'
@@ -110,6 +112,7 @@ $$;
 
 CREATE FUNCTION flakectl.process_upload_set(p_repo_id bigint, p_candidates bigint[], p_lookback interval, p_expire_after integer, p_dry_run boolean, p_commit_sha text) RETURNS flakectl.summary
     LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
     SET plan_cache_mode TO 'force_custom_plan'
     SET jit TO 'off'
     SET max_parallel_workers_per_gather TO '0'
@@ -138,18 +141,18 @@ begin
     into v_tests, v_lim0
     from (
       select r.test_id
-        from ta_timeseries_testrun r
+        from public.ta_timeseries_testrun r
        where r.upload_id = any(v_uploads)
          and r.outcome in ('failure', 'error', 'flaky_fail')
          and r.repo_id = p_repo_id
          and r.timestamp >= v_cutoff
       union
       select f.test_id
-        from test_analytics_flake f
+        from public.test_analytics_flake f
        where f.repoid = p_repo_id
          and f.end_date is null
     ) t
-    left join test_analytics_flake o
+    left join public.test_analytics_flake o
       on o.repoid = p_repo_id and o.test_id = t.test_id and o.end_date is null;
 
   with run as (
@@ -159,7 +162,7 @@ begin
       from unnest(v_tests, v_lim0) with ordinality as t(test_id, lim0, idx)
       cross join lateral (
         select r.upload_id, r.timestamp, r.outcome
-          from ta_timeseries_testrun r
+          from public.ta_timeseries_testrun r
          where r.repo_id = p_repo_id
            and r.test_id = t.test_id
            and r.timestamp >= v_cutoff
@@ -228,7 +231,7 @@ begin
     join (select t.idx, t.test_id, o.id as flake_id, o.count as count0,
                  o.fail_count as fail_count0, o.recent_passes_count as rpc0, o.start_date as start_date0
             from unnest(v_tests) with ordinality as t(test_id, idx)
-            left join test_analytics_flake o
+            left join public.test_analytics_flake o
               on o.repoid = p_repo_id and o.test_id = t.test_id and o.end_date is null) t
       on t.idx = c.idx;
 
@@ -244,7 +247,7 @@ begin
 
   -- expire/update first: a new flake of the same test may only be inserted
   -- once the old one has left the one-open-flake-per-test index
-  update test_analytics_flake f
+  update public.test_analytics_flake f
      set count = c.count,
          fail_count = c.fail_count,
          recent_passes_count = c.recent_passes_count,
@@ -253,7 +256,7 @@ begin
    where c.flake_id is not null
      and f.id = c.flake_id;
 
-  insert into test_analytics_flake
+  insert into public.test_analytics_flake
     (repoid, test_id, flags_id, recent_passes_count, count, fail_count, start_date, end_date)
   select p_repo_id, c.test_id, null, c.recent_passes_count, c.count, c.fail_count,
          c.start_date, c.end_date
@@ -261,7 +264,7 @@ begin
    where c.flake_id is null
    order by c.test_id, c.start_date;
 
-  update ta_timeseries_testrun r
+  update public.ta_timeseries_testrun r
      set outcome = 'flaky_fail'
    where r.upload_id = any(v_uploads)
      and r.outcome in ('failure', 'error')
@@ -288,7 +291,8 @@ end;
 $$;
 
 CREATE FUNCTION flakectl.process_uploads(repo_id bigint, upload_ids bigint[], lookback interval DEFAULT '1 day'::interval, expire_after integer DEFAULT 30, dry_run boolean DEFAULT false, wait boolean DEFAULT true) RETURNS flakectl.summary
-    LANGUAGE plpgsql
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
     SET plan_cache_mode TO 'force_custom_plan'
     SET jit TO 'off'
     AS $$
@@ -319,6 +323,7 @@ $$;
 
 CREATE FUNCTION flakectl.prune_ledger(older_than interval) RETURNS bigint
     LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 declare
   v_older_than interval := prune_ledger.older_than;
@@ -343,9 +348,17 @@ begin
 end;
 $$;
 
+CREATE TABLE flakectl.codecov_schema (
+    one_row boolean DEFAULT true NOT NULL,
+    name text NOT NULL,
+    recorded_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT codecov_schema_one_row_check CHECK (one_row)
+);
+
 CREATE TABLE flakectl.created_table (
     name text NOT NULL,
-    created_at timestamp with time zone DEFAULT now() NOT NULL
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    relid regclass NOT NULL
 );
 
 CREATE TABLE flakectl.processed_upload (
@@ -445,6 +458,9 @@ ALTER TABLE public.test_analytics_flake ALTER COLUMN id ADD GENERATED BY DEFAULT
     NO MAXVALUE
     CACHE 1
 );
+
+ALTER TABLE ONLY flakectl.codecov_schema
+    ADD CONSTRAINT codecov_schema_pkey PRIMARY KEY (one_row);
 
 ALTER TABLE ONLY flakectl.created_table
     ADD CONSTRAINT created_table_pkey PRIMARY KEY (name);

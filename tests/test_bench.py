@@ -97,8 +97,9 @@ def test_throwaway_server_default():
     assert "shared_buffers 512MB" in out
     # --statements: planning and execution of the function's own statements
     assert "| plan ms | exec ms | calls | rows | statement |" in out
-    assert "| 2 | 1 | select * from flakectl.process_commit($1, $2) |" in out
-    assert "update ta_timeseries_testrun r set outcome" in out
+    # head's bodies run as a private copy in the scratch schema (benchdata.install_functions)
+    assert "| 2 | 1 | select * from flakectl_bench.process_commit($1, $2) |" in out
+    assert "update flakectl_bench.ta_timeseries_testrun r set outcome" in out
 
 
 def test_statements_needs_pg_stat_statements(db_url):

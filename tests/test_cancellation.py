@@ -68,7 +68,7 @@ PARKED = {
     # point: (blocker, wait event, the statement the call is in)
     "repository lock": (hold_repository_lock, ("Lock", "advisory"), "pg_advisory_xact_lock"),
     # the flake update and insert have run: the run update comes after them
-    "run update": (hold_a_run_row, ("Lock", "transactionid"), "update ta_timeseries_testrun"),
+    "run update": (hold_a_run_row, ("Lock", "transactionid"), "update public.ta_timeseries_testrun"),
     # every other write has run: the ledger insert is the last statement
     "ledger insert": (hold_a_ledger_key, ("Lock", "transactionid"), "insert into flakectl.processed_upload"),
 }
@@ -268,7 +268,7 @@ def test_statement_timeout_cuts_a_large_commit_anywhere_and_leaves_nothing(big_u
             conn.rollback()
             break
     # some cut fell in the run update, after the flakes had been written
-    assert any("update ta_timeseries_testrun" in context for context in landed), landed
+    assert any("update public.ta_timeseries_testrun" in context for context in landed), landed
 
 
 def test_pg_cancel_backend_during_the_writes_of_a_large_commit(big_url):

@@ -306,6 +306,7 @@ def test_verify_is_identical_on_the_released_body_and_changes_nothing(cli, db_ur
         "select upload_id, test_id, outcome from ta_timeseries_testrun order by 1, 2, 3").fetchall()) == before
 
 
+# (the live bodies run with search_path = pg_catalog, pg_temp: injected statements name their schema)
 _RETURN = r"(\n\s*return v_result;\s*end;\s*\$\w*\$\s*)$"
 
 BROKEN = {
@@ -330,7 +331,7 @@ BROKEN = {
         ]),
     # a history row written (upstream's trap: expired rows taken as current)
     "history row written": (
-        _RETURN, "\n  update test_analytics_flake set fail_count = fail_count + 1"
+        _RETURN, "\n  update public.test_analytics_flake set fail_count = fail_count + 1"
                  " where repoid = p_repo_id and end_date is not null;\\1",
         lambda ids: [
             f"flake id {ids['history']} test \\x61: row expected unchanged (history or another row the"
@@ -340,11 +341,11 @@ BROKEN = {
         ]),
     # another repository's flake written
     "other repository's flake written": (
-        _RETURN, "\n  update test_analytics_flake set count = count + 1 where repoid <> p_repo_id;\\1",
+        _RETURN, "\n  update public.test_analytics_flake set count = count + 1 where repoid <> p_repo_id;\\1",
         lambda ids: ["writes test_analytics_flake: rows updated expected 1, got 2"]),
     # a run deleted
     "run deleted": (
-        _RETURN, "\n  delete from ta_timeseries_testrun where outcome = 'pass' and test_id = 'b';\\1",
+        _RETURN, "\n  delete from public.ta_timeseries_testrun where outcome = 'pass' and test_id = 'b';\\1",
         lambda ids: ["writes ta_timeseries_testrun: rows deleted expected 0, got 1"]),
 }
 

@@ -5,6 +5,10 @@ lists every released function body (plpgsql/<name>/vNNNN.sql) and migration
 (migrations/versions/*.py). A listed file that changed or vanished fails
 here: a new body is a new file installed by a new revision, never an edit.
 
+Lines starting with `#` are the manifest's history: the one released file
+ever changed in place (migration 0001's schema-safety fix, issue 10) is noted
+there with its hash before the fix.
+
 Files not listed yet are allowed: they are not released. Releasing one means
 adding its line, from the checkout's root:
 
@@ -27,6 +31,8 @@ def manifest() -> dict[str, str]:
     """{path: sha256} of the manifest; fails on a malformed or repeated line."""
     entries: dict[str, str] = {}
     for number, line in enumerate(MANIFEST.read_text(encoding="utf-8").splitlines(), 1):
+        if line.startswith("#"):
+            continue
         match = re.fullmatch(r"([0-9a-f]{64}) [ *](\S+)", line)
         assert match, f"tests/released.sha256 line {number} is not `<sha256>  <path>`: {line!r}"
         digest, path = match.groups()
@@ -55,3 +61,21 @@ def test_manifest_lists_bodies_and_migrations_only():
              if not any(fnmatch.fnmatch(p, pattern) for pattern in RELEASABLE) or p.endswith("__init__.py")]
     assert not stray, f"tests/released.sha256 lists files that are neither bodies nor migrations: {stray}"
     assert {p.split("/")[0] for p in listed} == {"plpgsql", "migrations"}
+
+
+# The only released file ever changed in place, and its hash as first released.
+CHANGED_IN_PLACE = {
+    "migrations/versions/0001_codecov_tables.py":
+        "b276f7524a562d57ce0d8511596fbbee942d17a0e4119a48ec9de8f1984cc044",
+}
+
+
+def test_history_notes_every_file_changed_in_place():
+    history = "\n".join(line for line in MANIFEST.read_text(encoding="utf-8").splitlines()
+                        if line.startswith("#"))
+    listed = manifest()
+    for path, first in CHANGED_IN_PLACE.items():
+        assert path in history and first in history, f"tests/released.sha256's history must note {path}"
+        assert listed[path] != first
+    docstring = (ROOT / "migrations/versions/0001_codecov_tables.py").read_text(encoding="utf-8")
+    assert "Fixed in place after release" in docstring

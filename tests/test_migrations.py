@@ -25,6 +25,7 @@ import pytest
 import sqlalchemy.exc
 from alembic.script import ScriptDirectory
 
+from flakectl import sqlfiles
 from flakectl.dba import migrate
 from flakectl.lab.pgserver import ThrowawayServer
 
@@ -181,12 +182,16 @@ def dollar_body(sql: str) -> str:
     return sql[start:end]
 
 
-def body_files() -> dict[str, dict[int, str]]:
-    """{function name: {version: prosrc}} of every file plpgsql/<name>/vNNNN.sql."""
+def body_files(schema_ident: str = "public") -> dict[str, dict[int, str]]:
+    """{function name: {version: prosrc}} of every file plpgsql/<name>/vNNNN.sql,
+    templates rendered for the Codecov schema `schema_ident` (quoted)."""
     bodies: dict[str, dict[int, str]] = {}
     for path in sorted(PLPGSQL.glob("*/v*.sql")):
         version = int(re.fullmatch(r"v(\d+)\.sql", path.name).group(1))
-        bodies.setdefault(path.parent.name, {})[version] = dollar_body(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        if sqlfiles.is_template(path.parent.name, version):
+            text = sqlfiles.render(text, schema_ident)
+        bodies.setdefault(path.parent.name, {})[version] = dollar_body(text)
     return bodies
 
 

@@ -37,7 +37,7 @@ def test_reads_under_a_tenth_of_the_commit(db_url):
         try:
             with nested_plans(conn) as plans:
                 row = conn.execute("select testruns_considered, testruns_marked"
-                                   " from flakectl.process_commit(%s, %s)", (REPO_ID, COMMIT_SHA)).fetchone()
+                                   " from flakectl_bench.process_commit(%s, %s)", (REPO_ID, COMMIT_SHA)).fetchone()
         finally:
             conn.execute("rollback")
         benchdata.drop_schema(conn)

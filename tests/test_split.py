@@ -47,7 +47,7 @@ def pair():
         codecov = create_database(m, "codecov_template")
         migrate.upgrade(codecov, "0001")  # Codecov's tables, no flakectl
         with psycopg.connect(codecov, autocommit=True) as c:
-            c.execute("drop table flakectl.created_table; drop schema flakectl")
+            c.execute("drop table flakectl.created_table, flakectl.codecov_schema; drop schema flakectl")
         yield m, r
 
 

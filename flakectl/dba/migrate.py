@@ -12,6 +12,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool
 
+from flakectl import sqlfiles
+
 
 #: the transaction-scoped advisory lock every migration takes first (migrations/env.py)
 MIGRATION_LOCK_KEY = 0x666C616B65637400
@@ -36,31 +38,36 @@ def engine(url: str):  # noqa: ANN201 - a SQLAlchemy Engine
                          creator=lambda: psycopg.connect(url))
 
 
-def config(url: str | None = None, *, output_buffer: io.TextIOBase | None = None) -> Config:
+def config(url: str | None = None, *, output_buffer: io.TextIOBase | None = None,
+           codecov_schema: str | None = None, drop_data: bool = False) -> Config:
     """Alembic's Config for the packaged migrations; `output_buffer` receives
-    the SQL of offline (`sql=True`) runs instead of stdout."""
+    the SQL of offline (`sql=True`) runs instead of stdout; `codecov_schema`
+    names the schema of Codecov's tables at install (default `public`);
+    `drop_data` lets a downgrade drop recorded tables that hold rows."""
     cfg = Config(output_buffer=output_buffer)
+    if codecov_schema is not None:
+        cfg.attributes["codecov_schema"] = codecov_schema
+    if drop_data:
+        cfg.attributes["drop_data"] = True
     cfg.set_main_option("script_location", str(resources.files("flakectl.migrations")))
     if url:
         cfg.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
     return cfg
 
 
-def upgrade(url: str, revision: str = "head") -> None:
-    command.upgrade(config(url), revision)
+def upgrade(url: str, revision: str = "head", *, codecov_schema: str | None = None) -> None:
+    command.upgrade(config(url, codecov_schema=codecov_schema), revision)
 
 
 def downgrade(url: str, revision: str, *, drop_data: bool = False) -> None:
-    cfg = config(url)
-    cfg.attributes["drop_data"] = drop_data
-    command.downgrade(cfg, revision)
+    command.downgrade(config(url, drop_data=drop_data), revision)
 
 
 class NotAnUpgrade(ValueError):
     """`sql` prints upgrades only: the target lies below the start."""
 
 
-def sql(revision: str = "head", start: str | None = None) -> str:
+def sql(revision: str = "head", start: str | None = None, *, codecov_schema: str | None = None) -> str:
     """The SQL an upgrade to `revision` would run (Alembic's offline mode).
 
     The script refuses to run (psql with ON_ERROR_STOP stops at its first
@@ -78,7 +85,7 @@ def sql(revision: str = "head", start: str | None = None) -> str:
                 f" run `flakectl db downgrade {revision}` against the database")
     out = io.StringIO()
     target = f"{start}:{revision}" if start else revision
-    command.upgrade(config(output_buffer=out), target, sql=True)
+    command.upgrade(config(output_buffer=out, codecov_schema=codecov_schema), target, sql=True)
     return out.getvalue()
 
 
@@ -94,3 +101,73 @@ def current(url: str) -> str | None:
 
 def head() -> str:
     return ScriptDirectory.from_config(config()).get_current_head()
+
+
+# --- options of the migrations (-x NAME=VALUE or config.attributes[NAME]) -------
+
+
+def _option(context, name: str) -> object | None:  # noqa: ANN001 - alembic.context
+    attributes = context.config.attributes
+    if name in attributes and attributes[name] is not None:
+        return attributes[name]
+    return context.get_x_argument(as_dictionary=True).get(name)
+
+
+def requested_codecov_schema(context) -> tuple[str, bool]:  # noqa: ANN001 - alembic.context
+    """The Codecov schema the installer asked for, and whether it was asked
+    explicitly (`-x codecov_schema=NAME`, `config.attributes["codecov_schema"]`);
+    `public` when not."""
+    value = _option(context, "codecov_schema")
+    if value is None or str(value) == "":
+        return sqlfiles.DEFAULT_SCHEMA, False
+    return str(value), True
+
+
+def drop_data(context) -> bool:  # noqa: ANN001 - alembic.context
+    """Whether the DBA allowed a downgrade to drop tables holding rows
+    (`-x drop_data=true`, `config.attributes["drop_data"] = True`)."""
+    value = _option(context, "drop_data")
+    if isinstance(value, bool):
+        return value
+    return str(value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def sql_literal(text: str) -> str:
+    """`text` as a SQL string literal (standard_conforming_strings)."""
+    if "\x00" in text:
+        raise ValueError("a NUL character cannot be part of a PostgreSQL name")
+    return "'" + text.replace("'", "''") + "'"
+
+
+def foreign_flake_check() -> str:
+    """A DO block refusing (0A000, changing nothing) when the recorded
+    schema's test_analytics_flake is a foreign table: flakectl installs where
+    the flakes are a local table (SPEC "Deployments", the split layout)."""
+    return (
+        "do $flakectl$\n"
+        "declare\n"
+        "  v_schema text := (select name from flakectl.codecov_schema);\n"
+        "begin\n"
+        "  if exists (select from pg_class c join pg_namespace n on n.oid = c.relnamespace\n"
+        "              where n.nspname = v_schema and c.relname = 'test_analytics_flake' and c.relkind = 'f') then\n"
+        "    raise exception using errcode = '0A000',\n"
+        "      message = format('flakectl: %I.test_analytics_flake is a foreign table; flakectl installs only where '\n"
+        "                       'the flakes are a local table: one database, or in Codecov''s split layout the runs '\n"
+        "                       'database, where commits and reports_* are the foreign tables (SPEC \"Deployments\"); '\n"
+        "                       'nothing was changed', v_schema),\n"
+        "      hint = 'Install flakectl in the runs database (flakectl split sets that layout up).';\n"
+        "  end if;\n"
+        "end\n"
+        "$flakectl$"
+    )
+
+
+def codecov_schema(conn) -> str:  # noqa: ANN001 - psycopg or SQLAlchemy connection
+    """The Codecov schema the install recorded (flakectl.codecov_schema), or
+    `public` when the install predates the record (revisions 0001-0004 as
+    released; revision 0005 records it). Takes a psycopg connection or a
+    SQLAlchemy one."""
+    run = conn.exec_driver_sql if hasattr(conn, "exec_driver_sql") else conn.execute
+    present = run("select to_regclass('flakectl.codecov_schema') is not null").fetchone()[0]
+    row = run("select name from flakectl.codecov_schema").fetchone() if present else None
+    return row[0] if row else sqlfiles.DEFAULT_SCHEMA

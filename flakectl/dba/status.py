@@ -120,13 +120,17 @@ def layout_lines(layout: Layout) -> list[str]:
     return lines
 
 
-def released_bodies() -> dict[str, dict[int, str]]:
-    """Each function's released bodies: name -> version -> the text between `$$`s."""
+def released_bodies(schema_ident: str = sqlfiles.DEFAULT_SCHEMA) -> dict[str, dict[int, str]]:
+    """Each function's released bodies: name -> version -> the text between
+    `$$`s, templates rendered for the Codecov schema `schema_ident` (quoted)."""
     bodies: dict[str, dict[int, str]] = {}
     for path in sqlfiles.released():
         name, file = path.split("/")
         version = int(file[1:5])
-        bodies.setdefault(name, {})[version] = sqlfiles.body(name, version).split("$$")[1]
+        text = sqlfiles.body(name, version)
+        if sqlfiles.is_template(name, version):
+            text = sqlfiles.render(text, schema_ident)
+        bodies.setdefault(name, {})[version] = text.split("$$")[1]
     return bodies
 
 
@@ -135,8 +139,9 @@ def functions(conn: psycopg.Connection) -> tuple[Function, ...]:
         "select p.proname, p.prosrc from pg_proc p join pg_namespace n on n.oid = p.pronamespace"
         " where n.nspname = 'flakectl'"
     ).fetchall())
+    (schema_ident,) = conn.execute("select quote_ident(%s)", (migrate.codecov_schema(conn),)).fetchone()
     out = []
-    for name, versions in sorted(released_bodies().items()):
+    for name, versions in sorted(released_bodies(schema_ident).items()):
         if name not in installed:
             out.append(Function(name, None, installed=False))
             continue

@@ -8,7 +8,8 @@ By default on a throwaway server tuned for a benchmark; with `--dsn` in a
 scratch schema of the user's database (flakectl must be installed there; see
 flakectl.lab.benchdata). Each call runs in its own transaction, rolled back:
 
-* A: `select * from flakectl.process_commit(repo, sha)`;
+* A: `select * from flakectl_bench.process_commit(repo, sha)`, head's bodies
+  installed in the scratch schema (benchdata.install_functions);
 * B: flakectl.lab.workerpath, the worker's path as upstream has it;
 * C: one `select count(*)` over exactly the rows A must read: the uploads'
   failure-class runs in the window, plus their passes of the tests that fail
@@ -88,7 +89,8 @@ PROTOCOL = (
     " preparation off (prepare_threshold=None), so every timed statement is planned for its own"
     " values; first call of each path untimed; medians of the timed calls")
 
-_FUNCTION = "select * from flakectl.process_commit(%(repo)s, %(sha)s)"
+# head's bodies, installed in the scratch schema (benchdata.install_functions)
+_FUNCTION = f"select * from {SCHEMA}.process_commit(%(repo)s, %(sha)s)"
 _FLOOR = """
 with fail as (
   select r.test_id
@@ -606,10 +608,12 @@ def _check_installed(conn: psycopg.Connection) -> None:
     if conn.execute("select to_regproc('flakectl.process_commit') is null").fetchone()[0]:
         raise BenchError("flakectl is not installed in this database (run `flakectl db upgrade`"
                          " first), or run the bench without --dsn on a throwaway server")
+    schema = migrate.codecov_schema(conn)
     missing = [t for t in benchdata.TABLES
-               if conn.execute("select to_regclass(%s) is null", (f"public.{t}",)).fetchone()[0]]
+               if conn.execute("select to_regclass(format('%%I.%%I', %s::text, %s::text)) is null",
+                               (schema, t)).fetchone()[0]]
     if missing:
-        raise BenchError(f"public.{missing[0]} is missing: the scratch schema copies the Codecov tables")
+        raise BenchError(f"{schema}.{missing[0]} is missing: the scratch schema copies the Codecov tables")
     clash = conn.execute("select count(*) from flakectl.processed_upload where upload_id >= %s",
                          (benchdata.UPLOAD_BASE,)).fetchone()[0]
     if clash:
@@ -637,7 +641,7 @@ def bench(url: str, args: argparse.Namespace, *, local: bool, err: TextIO) -> tu
                 (["shared_buffers", "work_mem", "max_wal_size", "fsync", "jit", "maintenance_work_mem"],)
             ).fetchall()),
         }
-        benchdata.create_schema(admin)
+        benchdata.create_schema(admin, migrate.codecov_schema(admin))
         benchdata.use_schema(admin)
         outcomes = []
         try:

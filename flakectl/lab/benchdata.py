@@ -1,14 +1,15 @@
 """The benchmark's data: one large commit, generated set-wise in SQL.
 
 Everything lives in a scratch schema, `flakectl_bench`, holding its own
-copies of the Codecov tables (`create table ... (like public.X including
-all)`: same columns, defaults, identity and indexes, flakectl's partial unique
-index included). The flakectl functions name those tables unqualified, so a
-session with `search_path = flakectl_bench, public` runs the installed
-functions, unchanged, on the scratch copies (PL/pgSQL re-plans a cached
-statement when search_path changes). Only the ledger is flakectl's own
-(`flakectl.processed_upload`, schema-qualified): the bench writes to it only
-inside transactions it rolls back, with upload ids far above any real one.
+copies of the Codecov tables (`create table ... (like <codecov schema>.X
+including all)`: same columns, defaults, identity and indexes, flakectl's
+partial unique index included). flakectl's functions name the recorded
+Codecov schema and flakectl's own objects by name (revision 0005), so the
+bench installs a private copy of head's bodies in the scratch schema
+(`install_functions`): the same templates, rendered for `flakectl_bench`,
+with flakectl's ledger and types copied there too. The worker path (B) and
+the read floor (C) name the tables unqualified and run with
+`search_path = flakectl_bench, public`.
 
 The commit: `uploads` uploads x `tests` tests, all runs of an upload sharing
 one timestamp, inside the default one-day window. Randomness is a hash of
@@ -36,6 +37,8 @@ from dataclasses import asdict, dataclass
 
 import psycopg
 from psycopg import sql
+
+from flakectl import sqlfiles
 
 SCHEMA = "flakectl_bench"
 TABLES = ("commits", "reports_commitreport", "reports_upload", "ta_timeseries_testrun",
@@ -209,14 +212,36 @@ _GENERATE = [
 ]
 
 
-def create_schema(conn: psycopg.Connection) -> None:
-    """(Re)create the scratch schema with empty copies of the Codecov tables."""
+def create_schema(conn: psycopg.Connection, codecov_schema: str = "public") -> None:
+    """(Re)create the scratch schema with empty copies of the Codecov tables
+    and a private copy of head's functions."""
     conn.execute(f"drop schema if exists {SCHEMA} cascade")
     conn.execute(f"create schema {SCHEMA}")
     for table in TABLES:
         conn.execute(sql.SQL("create table {} (like {} including all)").format(
-            sql.Identifier(SCHEMA, table), sql.Identifier("public", table)))
+            sql.Identifier(SCHEMA, table), sql.Identifier(codecov_schema, table)))
     conn.execute(_RAND_FUNCTION)
+    install_functions(conn)
+
+
+def install_functions(conn: psycopg.Connection) -> None:
+    """head's bodies (the newest file of each function) in the scratch schema:
+    rendered for its tables, and `flakectl.` (ledger, types, functions) read
+    as `flakectl_bench.`; the ledger and the types copied from flakectl's."""
+    conn.execute(f"create table {SCHEMA}.processed_upload (like flakectl.processed_upload including all)")
+    for type_name in ("summary", "flake_change"):
+        columns = conn.execute(
+            "select string_agg(quote_ident(a.attname) || ' ' || format_type(a.atttypid, a.atttypmod), ', '"
+            "                  order by a.attnum)"
+            "  from pg_attribute a where a.attrelid = (select typrelid from pg_type where oid = %s::regtype)"
+            "   and a.attnum > 0 and not a.attisdropped", (f"flakectl.{type_name}",)).fetchone()[0]
+        conn.execute(f"create type {SCHEMA}.{type_name} as ({columns})")
+    for name, numbers in sqlfiles.versions().items():
+        version = numbers[-1]
+        text = sqlfiles.body(name, version)
+        if sqlfiles.is_template(name, version):
+            text = sqlfiles.render(text, SCHEMA)
+        conn.execute(text.replace("flakectl.", f"{SCHEMA}."))
 
 
 def drop_schema(conn: psycopg.Connection) -> None:
