@@ -113,3 +113,21 @@ def test_db_sql_applied_with_psql_prints_no_result_rows(server, empty_db_url):
     assert "row)" not in done.stdout and "rows)" not in done.stdout, done.stdout
     assert main(["db", "current", "--dsn", empty_db_url]) == 0
     assert migrate.current(empty_db_url) == HEAD
+
+
+def test_the_readme_opens_with_the_two_commands_and_ci_runs_its_test_command():
+    readme = (ROOT / "README.md").read_text()
+    first_block = readme.split("```sh\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in first_block.splitlines()]
+    assert commands == ["scripts/bootstrap && .venv/bin/flakectl demo",
+                        "scripts/bootstrap && .venv/bin/python -m pytest -q"]
+    assert readme.index("```sh\n") < readme.index("\n## ", readme.index("## Two commands") + 1)
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line and not line.startswith("#")]
+    assert ci[-1] == commands[1].split(" && ")[1]  # the README's test command, last
+    assert "scripts/bootstrap" in ci
+    # every .ci script runs flakectl's Python from .venv (bootstrap made it), never python3
+    for script in (ROOT / ".ci").iterdir():
+        for number, line in enumerate(script.read_text().splitlines(), 1):
+            if not line.lstrip().startswith("#"):
+                assert not re.search(r"(^|[\s(|&;])python3? ", line), f"{script.name}:{number}: {line}"
