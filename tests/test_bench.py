@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 
 import psycopg
 import pytest
@@ -96,10 +97,13 @@ def test_throwaway_server_default():
     assert "starting a throwaway PostgreSQL" in err
     assert "shared_buffers 512MB" in out
     # --statements: planning and execution of the function's own statements
-    assert "| plan ms | exec ms | calls | rows | statement |" in out
+    assert "| plan ms | exec ms | calls | plans | rows | statement |" in out
     # head's bodies run as a private copy in the scratch schema (benchdata.install_functions)
-    assert "| 2 | 1 | select * from flakectl_bench.process_commit($1, $2) |" in out
-    assert "update flakectl_bench.ta_timeseries_testrun r set outcome" in out
+    assert "| 2 | 2 | 1 | select * from flakectl_bench.process_commit($1, $2) |" in out
+    # the generic-plan guard: the statements that read runs are planned on every call
+    (mark,) = [line for line in out.splitlines()
+               if re.search(r"update (\S+\.)?ta_timeseries_testrun r set outcome", line)]
+    assert mark.split(" | ")[2:4] == ["2", "2"]
 
 
 def test_statements_needs_pg_stat_statements(db_url):

@@ -493,12 +493,13 @@ def describe(o: Outcome) -> list[str]:
         calls = ", ".join(f"{c.seconds * 1000:.1f}" for c in o.stats[p].calls)
         out.append(f"{p}, every call in order (ms; the first untimed): {calls}")
     if o.statements:
-        out += ["", f"per statement (pg_stat_statements, track = all, track_planning = on;"
-                f" means over {o.statements[0]['calls'] if o.statements else 0}+ calls):", "",
-                "| plan ms | exec ms | calls | rows | statement |", "|---:|---:|---:|---:|---|"]
+        out += ["", "per statement (pg_stat_statements, track = all, track_planning = on; means per"
+                f" execution over {o.statements[0]['calls']} more calls of A; plans = calls: planned"
+                " for its own values every time, no generic plan):", "",
+                "| plan ms | exec ms | calls | plans | rows | statement |", "|---:|---:|---:|---:|---:|---|"]
         for st in o.statements:
             text = st["query"].replace("|", "\\|")
-            out.append(f"| {st['plan_ms']:.3f} | {st['exec_ms']:.3f} | {st['calls']} | {st['rows']:,}"
+            out.append(f"| {st['plan_ms']:.3f} | {st['exec_ms']:.3f} | {st['calls']} | {st['plans']} | {st['rows']:,}"
                        f" | {text[:160]} |")
     return out
 
