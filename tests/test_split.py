@@ -47,7 +47,7 @@ def pair():
         codecov = create_database(m, "codecov_template")
         migrate.upgrade(codecov, "0001")  # Codecov's tables, no flakectl
         with psycopg.connect(codecov, autocommit=True) as c:
-            c.execute("drop table flakectl.created_table, flakectl.codecov_schema; drop schema flakectl")
+            c.execute("drop table flakectl.created_table, flakectl.codecov_schema, alembic_version; drop schema flakectl")
         yield m, r
 
 
@@ -599,3 +599,61 @@ def test_function_equals_reference_in_the_runs_database(split_conns, history):
         m.rollback()
         m.execute("truncate reports_upload, reports_commitreport, commits")
         m.commit()
+
+
+# --------------------------------------------------------------------------
+# With the Codecov schema recorded by the install (revision 0005)
+# --------------------------------------------------------------------------
+
+
+def test_install_on_the_main_side_refuses(capsys, codecov_dbs):
+    """flakectl belongs in the runs database: `db upgrade` on a split main database
+    (Codecov's without flakectl, or a one-database deployment at 0004 moved to the
+    split) refuses, naming the supported layout, and changes nothing."""
+    one_db = Dbs((codecov_dbs.m_server, codecov_dbs.r_server), "codecov_template")
+    try:
+        migrate.upgrade(one_db.m, "0004")
+        for d in (codecov_dbs, one_db):
+            assert d.split()[0] == 0
+            before = catalog(d.m)
+            capsys.readouterr()
+            assert main(["db", "upgrade", "--dsn", d.m]) == 1
+            err = capsys.readouterr().err
+            assert err.splitlines() == [
+                "flakectl: error: migration failed, nothing was changed: public.test_analytics_flake is a"
+                " foreign table; flakectl installs only where the flakes are a local table: one database, or"
+                " in Codecov's split layout the runs database, where commits and reports_* are the foreign"
+                " tables (SPEC \"Deployments\"); nothing was changed",
+                "flakectl: hint: Install flakectl in the runs database (flakectl split sets that layout up)."]
+            assert catalog(d.m) == before
+    finally:
+        one_db.drop()
+
+
+def test_split_with_another_codecov_schema(pair):
+    d = Dbs(pair, "template0")
+    try:
+        q(d.m, "create schema codecov")
+        migrate.upgrade(d.m, codecov_schema="codecov")  # a one-database deployment in schema codecov
+        with psycopg.connect(d.m) as c:
+            c.execute("set search_path = codecov")
+            fid = Repo(c, 1).flake("a")
+            up = Repo(c, 1).upload("sha9")
+        code, lines = d.split()
+        assert code == 0, lines
+        assert q(d.r, "select name from flakectl.codecov_schema") == [("codecov",)]
+        assert q(d.r, "select relnamespace::regnamespace::text, relname, relkind::text from pg_class"
+                      " where relname in ('commits', 'test_analytics_flake') order by 2") == [
+            ("codecov", "commits", "f"), ("codecov", "test_analytics_flake", "r")]
+        assert [f[0] for f in flakes(d.m, "codecov.test_analytics_flake")] == [fid]
+        with psycopg.connect(d.r) as c:
+            c.execute("set search_path = codecov")
+            Repo(c, 1).runs(up, ("a", "failure", at(5)))
+            c.commit()
+            c.execute("set search_path = public")  # the function finds its schema by the record
+            assert flakectl.process_commit(c, 1, "sha9").flakes_updated == 1
+        assert flakes(d.m, "codecov.test_analytics_flake") == flakes(d.r, "codecov.test_analytics_flake")
+        assert d.undo()[0] == 0
+        assert q(d.m, "select relkind::text from pg_class where relname = 'test_analytics_flake'") == [("r",)]
+    finally:
+        d.drop()
