@@ -454,3 +454,21 @@ def test_sigterm_cancels_the_call_on_the_server(db_url, conn, command):
                                (pid,)).fetchone() == (0,)
         holder.rollback()
     assert flakes_and_ledger(conn) == ([], [])
+
+
+def test_verify_and_status_read_the_codecov_schema_the_install_recorded(cli, empty_db_url):
+    with psycopg.connect(empty_db_url) as c:
+        c.execute("create schema codecov")
+    migrate.upgrade(empty_db_url, codecov_schema="codecov")
+    with psycopg.connect(empty_db_url, options="-c search_path=codecov") as c:
+        commit_c1(c)
+        c.execute("create table public.test_analytics_flake (like codecov.test_analytics_flake)")  # a decoy
+        c.commit()
+    assert cli("verify", "--dsn", empty_db_url, "--repo", 1, "--commit", "c1") == (
+        0, "identical: repository 1, commit c1: 4 uploads, 8 runs considered, 4 marked,"
+           " flakes 1 created / 0 updated / 0 expired\n", "flakectl: rolled back: nothing was changed\n")
+    assert cli("process", "--dsn", empty_db_url, "--repo", 1, "--commit", "c1")[0] == 0
+    code, out, _ = cli("status", "--dsn", empty_db_url, "--repo", 1, "--json")
+    assert code == 0
+    assert [(f["test_id"], f["fail_count"], f["count"]) for f in json.loads(out)["open_flakes"]] == [
+        ("\\x61", 4, 8)]

@@ -66,6 +66,19 @@ def register_timestamps(context: psycopg.Connection | psycopg.Cursor) -> None:
     context.adapters.register_dumper(OutOfRange, _OutOfRangeDumper)
 
 
+def use_codecov_schema(conn: psycopg.Connection) -> str:
+    """Put the Codecov schema the install recorded (`--codecov-schema`, default
+    public) first on the search_path, for the current transaction only, so the
+    readers' unqualified table names reach the tables the functions use; the
+    schema's name."""
+    from flakectl.dba.migrate import codecov_schema  # Alembic: only for the commands that read
+
+    schema = codecov_schema(conn)
+    conn.execute("select set_config('search_path', quote_ident(%s) || ', ' || current_setting('search_path'),"
+                 " true)", (schema,))
+    return schema
+
+
 def _rows(conn: psycopg.Connection, cls: type, query: str, params: Sequence | dict = ()) -> list:
     with conn.cursor(row_factory=class_row(cls)) as cur:
         cur.execute(query, params)

@@ -19,7 +19,7 @@ from psycopg.rows import class_row
 from flakectl import sqlfiles
 from flakectl.dba import migrate
 from flakectl.dba import options as o
-from flakectl.dba.snapshot import register_timestamps
+from flakectl.dba.snapshot import register_timestamps, use_codecov_schema
 from flakectl.dba.split import Layout, layout
 from flakectl.errors import NotInstalled, wrap_exceptions
 
@@ -173,6 +173,7 @@ def read_status(conn: psycopg.Connection, repo_id: int | None = None, limit: int
                     f" which has the Codecov tables but not flakectl's ledger and functions (head is"
                     f" {migrate.head()}); run `flakectl db upgrade` to finish the install")
             raise NotInstalled()
+        use_codecov_schema(conn)  # the flakes and runs the install's functions use
         (rows,) = conn.execute("select count(*) from flakectl.processed_upload").fetchone()
         last = conn.execute(
             "select upload_id, repo_id, commit_sha, processed_at from flakectl.processed_upload"

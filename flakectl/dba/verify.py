@@ -57,6 +57,7 @@ from flakectl.dba.snapshot import (
     read_snapshot,
     register_timestamps,
     run_outcomes,
+    use_codecov_schema,
 )
 
 #: guard's advisory lock namespace (its first key; the same in v0001 and v0002).
@@ -120,6 +121,7 @@ def verify_commit(
     with wrap_exceptions(), conn.transaction(force_rollback=True):
         if conn.execute("select to_regproc('flakectl.process_commit') is null").fetchone()[0]:
             raise NotInstalled()
+        use_codecov_schema(conn)
         _lock(conn, repo_id)
         before = read_snapshot(conn, repo_id, commit_sha=commit_sha, bounded=True)
         if not before.commits:
