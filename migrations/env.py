@@ -132,6 +132,7 @@ def before_steps(connection) -> None:  # noqa: ANN001 - a SQLAlchemy Connection
     if getattr(work, "__name__", None) != "downgrade" or drop_data():
         return
     steps = work(migration.get_current_heads(), migration)
+    target = context.get_revision_argument() or "base"
     undone = {step.revision.revision for step in steps
               if not step.is_upgrade and hasattr(step, "revision")}
     for revision, table, meaning in DATA_TABLES:
@@ -144,7 +145,8 @@ def before_steps(connection) -> None:  # noqa: ANN001 - a SQLAlchemy Connection
                 f"downgrading below {revision} drops {table}, which holds {rows} row(s): {meaning}."
                 f" Nothing was changed. To keep them, export the table first (psql: \\copy {table}"
                 f" to '{table.split('.')[1]}.csv' csv header) or stay at {revision} or later; to"
-                " drop them anyway: flakectl db downgrade REV --drop-data (alembic: -x drop_data=true)"
+                f" drop them anyway: flakectl db downgrade {target} --drop-data (alembic: -x drop_data=true"
+                f" downgrade {target})"
             )
 
 

@@ -26,13 +26,14 @@ HEAD = migrate.head()
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def ledger_refusal(rows: int) -> str:
+def ledger_refusal(rows: int, target: str = "0001") -> str:
     return (
         f"downgrading below 0002 drops flakectl.processed_upload, which holds {rows} row(s): the"
         " ledger of processed uploads: without it every upload is processed, and counted, again"
         " (exactly-once is lost). Nothing was changed. To keep them, export the table first (psql:"
         " \\copy flakectl.processed_upload to 'processed_upload.csv' csv header) or stay at 0002 or"
-        " later; to drop them anyway: flakectl db downgrade REV --drop-data (alembic: -x drop_data=true)"
+        f" later; to drop them anyway: flakectl db downgrade {target} --drop-data (alembic: -x"
+        f" drop_data=true downgrade {target})"
     )
 
 
@@ -71,8 +72,9 @@ def test_downgrade_below_0002_refuses_while_the_ledger_holds_rows(db_url, conn):
     with pytest.raises(DataWouldBeLost) as info:
         dbadmin.downgrade(db_url, "0001")
     assert str(info.value) == ledger_refusal(4)
-    with pytest.raises(DataWouldBeLost):  # Alembic's own path (URL, no shared connection)
+    with pytest.raises(DataWouldBeLost) as info:  # Alembic's own path (URL, no shared connection)
         migrate.downgrade(db_url, "base")
+    assert str(info.value) == ledger_refusal(4, "base")
     assert dbadmin.current(db_url) == HEAD
     assert flakes_and_ledger(conn) == before
     # exactly-once held: processing c1 again changes nothing
