@@ -450,6 +450,24 @@ def test_process_uploads_refuses_ids_without_a_run_of_the_repository(cli, db_url
     assert state(repo.conn) == before
 
 
+def test_process_uploads_refuses_what_it_cannot_check(cli, db_url, repo):
+    """A role that cannot read the runs table (a worker's, say) gets the check's refusal, not a
+    raw permission error, and --force as the way past it."""
+    ups = history(repo)
+    repo.conn.execute("create role flakectl_cli_reader login")
+    repo.conn.commit()
+    try:
+        dsn = psycopg.conninfo.make_conninfo(db_url, user="flakectl_cli_reader")
+        code, out, err = cli("process", "--dsn", dsn, "--repo", "1", "--uploads", f"{ups['up1']},7")
+        assert (code, out) == (1, "")
+        assert err == (f"flakectl: error: cannot check that upload(s) 7,{ups['up1']} have runs of"
+                       " repository 1: permission denied for table ta_timeseries_testrun; run as a role"
+                       " that can read the runs table, or give --force to process them unchecked\n")
+    finally:
+        repo.conn.execute("drop role flakectl_cli_reader")
+        repo.conn.commit()
+
+
 def test_process_uploads(cli, db_url, repo):
     ups = history(repo)
     code, out, _ = cli("process", "--dsn", db_url, "--repo", "1", "--uploads", f"{ups['up2']}, 777", "--json",

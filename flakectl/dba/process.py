@@ -43,14 +43,35 @@ def summary_lines(summary) -> list[str]:  # noqa: ANN001 - flakectl.model.Summar
 
 
 def _refuse_uploads_without_runs(conn, repo: int, uploads: list[int]) -> None:  # noqa: ANN001
+    import psycopg
+    from psycopg import sql
+
     from flakectl.errors import wrap_exceptions
 
-    with wrap_exceptions():
-        missing = [row[0] for row in conn.execute(
-            "select u from unnest(%s::bigint[]) as u"
-            " where not exists (select from ta_timeseries_testrun r"
-            "                    where r.upload_id = u and r.repo_id = %s)"
-            " group by u order by u", (uploads, repo))]
+    ids = ",".join(map(str, sorted(set(uploads))))
+    try:
+        with wrap_exceptions(), conn.transaction():
+            # the Codecov schema the install recorded (as flakectl.dba.migrate.codecov_schema,
+            # which imports Alembic), `public` before revision 0005 (or unreadable to this role)
+            (readable,) = conn.execute(
+                "select case when not exists (select from pg_namespace where nspname = 'flakectl')"
+                "            then false"
+                "            when not has_schema_privilege('flakectl', 'usage') then false"
+                "            when to_regclass('flakectl.codecov_schema') is null then false"
+                "            else has_table_privilege('flakectl.codecov_schema', 'select') end").fetchone()
+            row = conn.execute("select name from flakectl.codecov_schema").fetchone() if readable else None
+            schema = row[0] if row else None
+            missing = [row[0] for row in conn.execute(sql.SQL(
+                "select u from unnest(%s::bigint[]) as u"
+                " where not exists (select from {}.ta_timeseries_testrun r"
+                "                    where r.upload_id = u and r.repo_id = %s)"
+                " group by u order by u").format(sql.Identifier(schema or "public")), (uploads, repo))]
+    except FlakectlError as exc:
+        if not isinstance(exc.__cause__, psycopg.errors.InsufficientPrivilege):
+            raise
+        raise UnknownUploads(
+            f"cannot check that upload(s) {ids} have runs of repository {repo}: {exc}; run as a role"
+            " that can read the runs table, or give --force to process them unchecked") from exc
     if missing:
         raise UnknownUploads(
             f"no test run of repository {repo} in upload(s) {','.join(map(str, missing))}: check"
