@@ -657,3 +657,24 @@ def test_split_with_another_codecov_schema(pair):
         assert q(d.m, "select relkind::text from pg_class where relname = 'test_analytics_flake'") == [("r",)]
     finally:
         d.drop()
+
+
+def test_archive_moves_with_the_flakes(dbs):
+    """flakectl.flake_archive (revision 0006, replay) moves with the flakes and the
+    ledger, and comes back with them."""
+    if q(dbs.m, "select to_regclass('flakectl.flake_archive') is null")[0][0]:
+        pytest.skip("flakectl.flake_archive comes with revision 0006")
+    seed(dbs.m)
+    archived = ("insert into flakectl.flake_archive (id, repoid, test_id, flags_id, recent_passes_count, count,"
+                " fail_count, start_date, end_date, archived_at)"
+                " values (%s, 1, 'old', null, 0, 2, 2, now() - interval '9 days', null, now() - interval '1 day')")
+    q(dbs.m, archived, (900,))
+    code, lines = dbs.split()
+    assert code == 0, lines
+    assert "flake(s) with their ids and 1 processed_upload, 1 flake_archive row(s) to the runs" in lines[5]
+    archive = "select id, repoid, test_id, archived_at from flakectl.flake_archive order by id"
+    assert q(dbs.r, archive) == q(dbs.m, archive)
+    q(dbs.r, archived, (901,))  # archived in R after the split
+    code, lines = dbs.undo()
+    assert code == 0, lines
+    assert [row[0] for row in q(dbs.m, archive)] == [900, 901]
