@@ -678,3 +678,26 @@ def test_archive_moves_with_the_flakes(dbs):
     code, lines = dbs.undo()
     assert code == 0, lines
     assert [row[0] for row in q(dbs.m, archive)] == [900, 901]
+
+
+def test_a_worker_role_calls_in_the_runs_database(dbs):
+    """The worker's role, with EXECUTE on the two entry points only (what `flakectl db
+    grant` gives), calls process_commit in R: the function reads M's reports across
+    the link as its owner, through the user mapping; the role itself reads nothing."""
+    s = seed(dbs.m)
+    assert dbs.split()[0] == 0
+    add_runs(dbs.r, s["upload"], ("a", "failure", 10))
+    q(dbs.r, "create role ta_worker login")
+    q(dbs.r, "grant usage on schema flakectl to ta_worker")
+    for (proc,) in q(dbs.r, "select p.oid::regprocedure::text from pg_proc p join pg_namespace n"
+                            " on n.oid = p.pronamespace where n.nspname = 'flakectl'"
+                            " and p.proname in ('process_commit', 'process_uploads')"):
+        q(dbs.r, f"grant execute on function {proc} to ta_worker")
+    worker = dbs.r.replace("postgres@", "ta_worker@")
+    with psycopg.connect(worker) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("select count(*) from commits")
+        c.rollback()
+        assert flakectl.process_commit(c, 1, "sha2").flakes_updated == 1
+        c.commit()
+    assert flakes(dbs.m) == flakes(dbs.r)
