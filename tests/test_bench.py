@@ -124,7 +124,7 @@ def test_fleet(db_url, monkeypatch):
     assert sorted(c["index"] for c in fleet["commits"]) == list(range(8))
     assert [(r["k"], r["path"]) for r in fleet["runs"]] == [(1, "A"), (1, "B"), (3, "A"), (3, "B")]
     for r in fleet["runs"]:
-        assert r["commits"] == 8
+        assert r["commits"] == 8 * benchfleet.ROUNDS[r["path"]] == 8 * r["rounds"]
         assert r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] <= r["max_ms"]
         assert r["lock_waits_other_repo"] == 0
     # text: the table and the verdict

@@ -761,6 +761,15 @@ def test_bench_small(cli, db_url):
         assert re.fullmatch(rf"\| {path} \| {number} \| {number} \| {number} \| [\d,]+ \| [\d,]+"
                             r" \| [\d,]+ \| ([\d,.]+ MB|n/a) \|", line), line
     assert lines[12] == ""
+    # the server runs on this machine: each path's time on a CPU and waiting for one
+    assert lines[13].startswith("on a CPU (the backend's time on a CPU, from /proc/<pid>/schedstat")
+    assert lines[14:17] == ["", "| path | CPU median | CPU min | waiting for a CPU (median) |", "|---|---:|---:|---:|"]
+    for line, path in zip(lines[17:21], ("A function", "B worker path", "C read floor", "W write floor")):
+        assert re.fullmatch(rf"\| {path} \| {number} \| {number} \| {number} \|", line), line
+    assert lines[21] == ""
+    assert re.fullmatch(r"by CPU: B/A = [\d,.]+x    A/C = [\d,.]+    A/W = [\d,.]+    W/C = [\d,.]+",
+                        lines[22]), lines[22]
+    lines[12:24] = [""]  # the rest as without CPU times
     assert re.fullmatch(r"B/A = [\d,.]+x    A/C = [\d,.]+    A/W = [\d,.]+    W/C = [\d,.]+",
                         lines[13]), lines[13]
     assert re.fullmatch(rf"W's marking UPDATE alone: median {number} \(\d+ runs\)", lines[14]), lines[14]

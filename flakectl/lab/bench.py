@@ -150,6 +150,8 @@ class Call:
     summary: dict | None = None
     timed: bool = True
     mark_seconds: float | None = None  # W: its marking UPDATE alone
+    cpu: float | None = None  # seconds on a CPU: the backend's plus the client thread's
+    queued: float | None = None  # seconds the backend was runnable but waited for a CPU
 
 
 @dataclass
@@ -165,6 +167,10 @@ class Stats:
         return statistics.median(getattr(c, attr) for c in self.timed)
 
     @property
+    def has_cpu(self) -> bool:
+        return all(c.cpu is not None for c in self.timed)
+
+    @property
     def peak_kb(self) -> int | None:
         peaks = [c.peak_kb for c in self.timed if c.peak_kb is not None]
         return max(peaks) if peaks else None
@@ -175,6 +181,9 @@ class Stats:
         if self.path == "W":
             extra["mark_median_s"] = self.median("mark_seconds")
             extra["marked"] = t[-1].summary["testruns_marked"]
+        if self.has_cpu:
+            extra["cpu_median_s"] = self.median("cpu")
+            extra["queued_median_s"] = self.median("queued")
         return {
             **extra,
             "median_s": self.median(), "min_s": min(c.seconds for c in t),
@@ -212,12 +221,19 @@ class Outcome:
     def w_over_c(self) -> float:
         return self.stats["W"].median() / self.stats["C"].median()
 
+    def cpu_ratio(self, x: str, y: str) -> float | None:
+        if not (self.stats[x].has_cpu and self.stats[y].has_cpu):
+            return None
+        return self.stats[x].median("cpu") / self.stats[y].median("cpu")
+
     def as_json(self) -> dict:
         return {
             "workload": self.workload.as_json(), "runs_in_commit": self.runs,
             "summary": self.summary, "agree": self.agree, "problems": self.problems,
             "b_over_a": round(self.b_over_a, 2), "a_over_c": round(self.a_over_c, 2),
             "a_over_w": round(self.a_over_w, 3), "w_over_c": round(self.w_over_c, 2),
+            **({"cpu_b_over_a": round(self.cpu_ratio("B", "A"), 2),
+                "cpu_a_over_w": round(self.cpu_ratio("A", "W"), 3)} if self.cpu_ratio("A", "W") else {}),
             "paths": {p: s.as_json() for p, s in self.stats.items()},
             **({"explain": self.explain} if self.explain else {}),
             **({"statements": self.statements} if self.statements else {}),
@@ -299,9 +315,11 @@ class Session:
         try:
             fetched0, hit0 = self._buffers()
             with PeakMemory(self.pid) as memory:
+                sched0, thread0 = _schedstat(self.pid), time.thread_time()
                 started = time.perf_counter()
                 rows, summary = run()
                 seconds = time.perf_counter() - started
+                sched1, thread1 = _schedstat(self.pid), time.thread_time()
             fetched1, hit1 = self._buffers()
             state = tuple(self.conn.execute(_STATE, self.params).fetchone()) if path in "AB" else None
         finally:
@@ -309,8 +327,12 @@ class Session:
         # every path, the same untimed vacuum: no call pays for an earlier one's dead rows
         self.conn.execute(f"vacuum {SCHEMA}.ta_timeseries_testrun, {SCHEMA}.test_analytics_flake")
         fetched, hit = fetched1 - fetched0, hit1 - hit0
+        cpu = queued = None
+        if sched0 and sched1:
+            cpu = (sched1[0] - sched0[0]) / 1e9 + (thread1 - thread0)
+            queued = (sched1[1] - sched0[1]) / 1e9
         return Call(path, seconds, rows, fetched, fetched - hit, memory.peak_kb, state, summary, timed,
-                    self._mark_seconds)
+                    self._mark_seconds, cpu, queued)
 
     def _function(self) -> tuple[int, dict]:
         with self.conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
@@ -386,6 +408,18 @@ def _shorten(text: str) -> str:
     """Plans with the array constants of a large call folded: '{<5000 elements>}'."""
     return re.sub(r"'\{([^}]{200,})\}'",
                   lambda m: "'{<%d elements>}'" % (m.group(1).count(",") + 1), text)
+
+
+def _schedstat(pid: int | None) -> tuple[int, int] | None:
+    """(ns on a CPU, ns runnable but waiting for one) of a local process."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            on_cpu, waiting, _ = f.read().split()
+        return int(on_cpu), int(waiting)
+    except (OSError, ValueError):
+        return None
 
 
 def _is_postgres(pid: int) -> bool:
@@ -484,6 +518,16 @@ def describe(o: Outcome) -> list[str]:
         out.append(f"| {PATH_NAMES[p]} | {_ms(st.median())} | {_ms(min(t))} | {_ms(max(t))}"
                    f" | {st.timed[-1].rows:,} | {round(st.median('buffers')):,}"
                    f" | {round(st.median('read')):,} | {_mb(st.peak_kb)} |")
+    if all(o.stats[p].has_cpu for p in PATHS):
+        out += ["", "on a CPU (the backend's time on a CPU, from /proc/<pid>/schedstat, plus the client"
+                " thread's: what the call cost, whatever the load) and waiting for one:", "",
+                "| path | CPU median | CPU min | waiting for a CPU (median) |", "|---|---:|---:|---:|"]
+        for p in PATHS:
+            st = o.stats[p]
+            out.append(f"| {PATH_NAMES[p]} | {_ms(st.median('cpu'))} | {_ms(min(c.cpu for c in st.timed))}"
+                       f" | {_ms(st.median('queued'))} |")
+        out += ["", f"by CPU: B/A = {o.cpu_ratio('B', 'A'):,.1f}x    A/C = {o.cpu_ratio('A', 'C'):,.2f}"
+                f"    A/W = {o.cpu_ratio('A', 'W'):,.2f}    W/C = {o.cpu_ratio('W', 'C'):,.2f}"]
     w = o.stats["W"]
     out += ["", f"B/A = {o.b_over_a:,.1f}x    A/C = {o.a_over_c:,.2f}    A/W = {o.a_over_w:,.2f}"
             f"    W/C = {o.w_over_c:,.2f}",
@@ -505,14 +549,22 @@ def describe(o: Outcome) -> list[str]:
 
 
 def suite_table(outcomes: list[Outcome]) -> list[str]:
-    out = ["| commit | runs | A ms | C ms | W ms | B ms | B/A | A/C | A/W |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = ["| commit | runs | A ms | C ms | W ms | B ms | B/A | A/C | A/W | by CPU: A ms | C ms | W ms"
+           " | B ms | B/A | A/C | A/W |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for o in outcomes:
         w = o.workload
         med = {p: o.stats[p].median() * 1000 for p in PATHS}
-        out.append(f"| {w.shape} {w.uploads} x {w.tests:,} | {o.runs:,} | {med['A']:,.1f} | {med['C']:,.1f}"
-                   f" | {med['W']:,.1f} | {med['B']:,.1f} | {o.b_over_a:,.1f}x | {o.a_over_c:.2f}"
-                   f" | {o.a_over_w:.2f} |")
+        line = (f"| {w.shape} {w.uploads} x {w.tests:,} | {o.runs:,} | {med['A']:,.1f} | {med['C']:,.1f}"
+                f" | {med['W']:,.1f} | {med['B']:,.1f} | {o.b_over_a:,.1f}x | {o.a_over_c:.2f}"
+                f" | {o.a_over_w:.2f} |")
+        if all(o.stats[p].has_cpu for p in PATHS):
+            cpu = {p: o.stats[p].median("cpu") * 1000 for p in PATHS}
+            line += (f" {cpu['A']:,.1f} | {cpu['C']:,.1f} | {cpu['W']:,.1f} | {cpu['B']:,.1f}"
+                     f" | {o.cpu_ratio('B', 'A'):,.1f}x | {o.cpu_ratio('A', 'C'):.2f} | {o.cpu_ratio('A', 'W'):.2f} |")
+        else:
+            line += " n/a | n/a | n/a | n/a | n/a | n/a | n/a |"
+        out.append(line)
     return out
 
 
@@ -653,7 +705,8 @@ def bench(url: str, args: argparse.Namespace, *, local: bool, err: TextIO) -> tu
                 started = time.perf_counter()
                 benchdata.generate_fleet(admin, commits, args.other_rows, args.seed)
                 say(f"generated in {time.perf_counter() - started:.1f} s")
-                runs = benchfleet.fleet(url, commits, tuple(args.fleet_k), say=say)
+                ks = args.fleet_k if isinstance(args.fleet_k, tuple) else _ks(args.fleet_k)  # a default
+                runs = benchfleet.fleet(url, commits, ks, say=say)
                 return [], env, (commits, runs)
             for w in workloads(args):
                 say(f"generating {w.shape}: {w.uploads} uploads x {w.tests:,} tests"
