@@ -374,8 +374,13 @@ def _copy_rows(src: psycopg.Connection, dst: psycopg.Connection, src_table: sql.
     with src.cursor() as rc, dst.cursor() as wc:
         with rc.copy(sql.SQL("copy (select {} from {}) to stdout").format(cols, src_table)) as out, \
                 wc.copy(sql.SQL("copy {} ({}) from stdin").format(dst_table, cols)) as into:
+            block = bytearray()  # psycopg yields a row at a time: write ~1 MB at a time
             for data in out:
-                into.write(data)
+                block += data
+                if len(block) >= 1 << 20:
+                    into.write(block)
+                    block = bytearray()  # a fresh buffer: never change one handed to write()
+            into.write(block)
     return _scalar(dst, sql.SQL("select count(*) from {}").format(dst_table))
 
 
