@@ -1,20 +1,22 @@
 """The thin Python wrapper: one call, one SQL statement, one Summary.
 
-Each call runs in `conn.transaction()`: committed on return when the
-connection had no transaction open, a savepoint inside the caller's
-transaction otherwise (the caller commits). Errors arrive as flakectl
-exceptions (`flakectl.errors`).
+`conn` is the caller's own connection: psycopg 3, psycopg2, Django's
+(`django.db.connection`, `connections[alias]`) or SQLAlchemy's (`Connection`,
+`Session`, 1.4 and 2.x); flakectl.adapter runs the statement through it.
+Each call is committed on return when the caller had no transaction open, and
+is a savepoint inside the caller's transaction otherwise (the caller commits
+or rolls back; an error rolls back the savepoint only). Errors arrive as
+flakectl exceptions (`flakectl.errors`), the same for every driver.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
-import psycopg
-from psycopg.rows import class_row
-
-from flakectl.errors import InvalidArgument, wrap_exceptions
+from flakectl import adapter
+from flakectl.errors import InvalidArgument
 from flakectl.model import Summary
 
 _COLUMNS = ", ".join(Summary.columns())
@@ -47,20 +49,16 @@ def _check_range(name: str, value: object, bounds: tuple[int, int], sql_type: st
                               sqlstate="22003")
 
 
-def _call(conn: psycopg.Connection, query: str, params: dict) -> Summary:
+def _call(conn: Any, query: str, params: dict) -> Summary:
     _check_range("repo_id", params["repo_id"], _BIGINT, "bigint")
     _check_range("expire_after", params["expire_after"], _INTEGER, "integer")
     for upload_id in params.get("upload_ids") or ():
         _check_range("upload_ids", upload_id, _BIGINT, "bigint")
-    with wrap_exceptions(), conn.transaction(), conn.cursor(row_factory=class_row(Summary)) as cur:
-        cur.execute(query, params)
-        row = cur.fetchone()
-    assert row is not None  # both functions return exactly one row
-    return row
+    return adapter.call(conn, query, params, Summary)
 
 
 def process_commit(
-    conn: psycopg.Connection,
+    conn: Any,
     repo_id: int,
     commit_sha: str,
     *,
@@ -77,7 +75,7 @@ def process_commit(
 
 
 def process_uploads(
-    conn: psycopg.Connection,
+    conn: Any,
     repo_id: int,
     upload_ids: Sequence[int | None] | None,
     *,

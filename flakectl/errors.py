@@ -1,17 +1,19 @@
-"""flakectl's exceptions, and the one place psycopg errors are mapped to them.
+"""flakectl's exceptions, and the one place driver errors are mapped to them.
 
 Each class's docstring is its user-facing meaning; the SQLSTATE it stands for
 is the one the SQL functions raise (SPEC rule 10, rule 8, `wait => false`).
+The mapping is the same whatever the driver: psycopg 3 (`sqlstate`),
+psycopg2 (`pgcode`), either of them wrapped by Django (`django.db.utils.*`,
+the driver's error as `__cause__`) or by SQLAlchemy (`DBAPIError.orig`). No
+driver is imported here: a driver's classes are looked up in `sys.modules`,
+since an error can only come from a driver that is already loaded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # psycopg is imported where it is used: `flakectl --help` does without it
-    import psycopg
 
 
 class FlakectlError(Exception):
@@ -86,31 +88,74 @@ _BY_SQLSTATE: dict[str, type[FlakectlError]] = {
 _NOT_INSTALLED = {"42883", "42P01", "3F000"}
 
 
-def from_psycopg(exc: psycopg.Error) -> FlakectlError:
-    """The flakectl exception for a psycopg error (the server's message kept)."""
-    import psycopg
+def _loaded(module: str, name: str) -> type | None:
+    """A driver's or framework's class, if that module is loaded (never imports it)."""
+    found = sys.modules.get(module)
+    return getattr(found, name, None) if found is not None else None
 
-    if isinstance(exc, psycopg.OperationalError) and exc.sqlstate is None:
+
+def driver_error(exc: BaseException) -> BaseException | None:
+    """The psycopg 3 or psycopg2 error under `exc`, or None when `exc` is no database error.
+
+    Django raises `django.db.utils.<Error>` from the driver's error (its
+    `__cause__`); SQLAlchemy raises `DBAPIError` holding it as `.orig`.
+    """
+    for _ in range(4):  # a wrapper of a wrapper at most, in practice
+        for module in ("psycopg", "psycopg2"):
+            error = _loaded(module, "Error")
+            if error is not None and isinstance(exc, error):
+                return exc
+        dbapi_error = _loaded("sqlalchemy.exc", "DBAPIError")
+        django_error = _loaded("django.db.utils", "Error")
+        if dbapi_error is not None and isinstance(exc, dbapi_error):
+            nested = exc.orig
+        elif django_error is not None and isinstance(exc, django_error):
+            nested = exc.__cause__
+        else:
+            return None
+        if not isinstance(nested, BaseException):
+            return None
+        exc = nested
+    return None
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The SQLSTATE of a driver error: psycopg 3's `sqlstate`, psycopg2's `pgcode`."""
+    state = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
+    return state if isinstance(state, str) and state else None
+
+
+def from_driver(exc: BaseException) -> FlakectlError:
+    """The flakectl exception for a driver error (the server's message kept)."""
+    state = sqlstate_of(exc)
+    operational = (_loaded("psycopg", "OperationalError"), _loaded("psycopg2", "OperationalError"))
+    if state is None and any(cls is not None and isinstance(exc, cls) for cls in operational):
         return ConnectionFailed(f"could not connect to PostgreSQL: {str(exc).strip()}")
-    state = exc.sqlstate or ""
-    primary = exc.diag.message_primary if exc.diag else None
+    diag = getattr(exc, "diag", None)
+    primary = getattr(diag, "message_primary", None) if diag is not None else None
     message = primary or str(exc).strip()
     if state in _BY_SQLSTATE:
         return _BY_SQLSTATE[state](message)
     if state in _NOT_INSTALLED and "flakectl" in message:
         return NotInstalled.because(message)
-    return FlakectlError(message, sqlstate=state or None)
+    return FlakectlError(message, sqlstate=state)
+
+
+#: The name the DBA tools know; any driver's error is accepted.
+from_psycopg = from_driver
 
 
 @contextlib.contextmanager
 def wrap_exceptions() -> Iterator[None]:
-    """Re-raise psycopg errors as flakectl exceptions, chained to the original."""
-    import psycopg
-
+    """Re-raise database errors (any driver, also wrapped by Django or SQLAlchemy)
+    as flakectl exceptions, chained to the original."""
     try:
         yield
-    except psycopg.Error as exc:
-        raise from_psycopg(exc) from exc
+    except Exception as exc:
+        found = driver_error(exc)
+        if found is None:
+            raise
+        raise from_driver(found) from exc
 
 
 __all__ = [
@@ -124,6 +169,9 @@ __all__ = [
     "NotInstalled",
     "NullArgument",
     "WrongIsolationLevel",
+    "driver_error",
+    "from_driver",
     "from_psycopg",
+    "sqlstate_of",
     "wrap_exceptions",
 ]

@@ -3,7 +3,8 @@
 The database comes from, in order: a SQLAlchemy connection passed in
 `config.attributes["connection"]` (flakectl's own commands and the tests), the
 `sqlalchemy.url` option, or FLAKECTL_DATABASE_URL, a plain libpq URL
-(`postgresql://user@host:port/db`) to which the psycopg driver is added, or a
+(`postgresql://user@host:port/db`) to which the driver is added (psycopg 3;
+psycopg2 under SQLAlchemy 1.4: flakectl.dba.migrate.driver), or a
 key=value DSN (`host=... dbname=...`).
 
 Run by the `alembic` command (config.cmd_opts set), it logs each revision it
@@ -30,6 +31,7 @@ from sqlalchemy.exc import DBAPIError
 from flakectl.dba.migrate import MIGRATION_LOCK_KEY, requested_codecov_schema, sql_literal
 from flakectl.dba.migrate import engine as make_engine
 from flakectl.errors import DataWouldBeLost, FlakectlError
+from flakectl.dba import migrate
 
 config = context.config
 
@@ -85,10 +87,7 @@ def database_url() -> str:
             "flakectl migrations: no database given; set FLAKECTL_DATABASE_URL, "
             "e.g. FLAKECTL_DATABASE_URL=postgresql://postgres@localhost:5432/codecov"
         )
-    for prefix in ("postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix):]
-    return url
+    return migrate.sqlalchemy_url(url)  # psycopg 3, or psycopg2 under SQLAlchemy 1.4
 
 
 # -- Before any step: the migration lock, then what a downgrade would drop -------
@@ -155,7 +154,7 @@ def run_offline() -> None:
     # every `%` of a function body would come out doubled (format('%s') as
     # format('%%s')); the named style leaves the text as it is.
     context.configure(
-        url=main_option("sqlalchemy.url") or "postgresql+psycopg://",
+        url=main_option("sqlalchemy.url") or migrate.offline_url(),
         dialect_name="postgresql",
         dialect_opts={"paramstyle": "named"},
         literal_binds=True,

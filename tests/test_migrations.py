@@ -27,6 +27,7 @@ from alembic.script import ScriptDirectory
 
 from flakectl import sqlfiles
 from flakectl.dba import migrate
+from flakectl.errors import sqlstate_of
 from flakectl.lab.pgserver import ThrowawayServer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -441,7 +442,7 @@ def test_adoption_refuses_duplicate_open_flakes_and_changes_nothing(empty_db_url
     assert "repoid 7, test_id \\x04: flake ids {3,10}" in message
     assert "repoid 8, test_id \\xbeef: flake ids {11,12,13}" in message
     assert "repoid 7, test_id \\x01" not in message
-    assert failure.value.orig.sqlstate == "23505"
+    assert sqlstate_of(failure.value.orig) == "23505"  # psycopg 3 or psycopg2 (SQLAlchemy 1.4)
 
     assert not has_schema(empty_db_url, "flakectl")
     assert relations(empty_db_url, "public") == codecov_relations  # no alembic_version either

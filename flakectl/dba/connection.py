@@ -42,17 +42,36 @@ def describe(info: str) -> str:
     return f"{where}, database {params.get('dbname', '(default)')}"
 
 
+def _failed(info: str, exc: Exception) -> ConnectionFailed:
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    return ConnectionFailed(
+        f"cannot connect to PostgreSQL at {describe(info)}: {reason}; "
+        f"check --dsn, ${ENV_URL} or the PG* variables"
+    )
+
+
 def connect(dsn: str | None, *, autocommit: bool = True) -> psycopg.Connection:
     """A connection to the flakectl database; ConnectionFailed (one line) if there is none."""
     info = conninfo(dsn)
     try:
         conn = psycopg.connect(info, autocommit=autocommit)
     except psycopg.Error as exc:
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise ConnectionFailed(
-            f"cannot connect to PostgreSQL at {describe(info)}: {reason}; "
-            f"check --dsn, ${ENV_URL} or the PG* variables"
-        ) from exc
+        raise _failed(info, exc) from exc
     conn.isolation_level = IsolationLevel.READ_COMMITTED
     register_timestamps(conn)  # infinity and years past 9999 (flakectl.model.OutOfRange)
+    return conn
+
+
+def connect_psycopg2(dsn: str | None):  # noqa: ANN201 - psycopg2 is not imported at module level
+    """The same connection through psycopg2 (not autocommit), for Alembic under
+    SQLAlchemy 1.4, which has no psycopg 3 dialect (flakectl.dba.migrate.driver)."""
+    import psycopg2
+    import psycopg2.extensions
+
+    info = conninfo(dsn)
+    try:
+        conn = psycopg2.connect(info)
+    except psycopg2.Error as exc:
+        raise _failed(info, exc) from exc
+    conn.isolation_level = psycopg2.extensions.ISOLATION_LEVEL_READ_COMMITTED
     return conn

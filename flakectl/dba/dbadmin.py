@@ -2,9 +2,10 @@
 
 flakectl.dba.migrate takes a URL; the command also accepts key=value DSNs and
 libpq's PG* variables, so here Alembic gets a SQLAlchemy connection wrapped
-around the psycopg connection flakectl.dba.connection made (Alembic's cookbook
+around the connection flakectl.dba.connection made (Alembic's cookbook
 "sharing a connection", which migrations/env.py supports through
-`config.attributes["connection"]`).
+`config.attributes["connection"]`): psycopg 3 under SQLAlchemy 2, psycopg2
+under SQLAlchemy 1.4, which has no psycopg 3 dialect (`migrate.driver()`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
-import psycopg
 import sqlalchemy
 from alembic import command
 from alembic.runtime.migration import MigrationContext
@@ -24,8 +24,8 @@ from sqlalchemy import pool
 
 from flakectl.dba import migrate
 from flakectl.dba import options as o
-from flakectl.dba.connection import connect
-from flakectl.errors import FlakectlError, from_psycopg
+from flakectl.dba.connection import connect, connect_psycopg2
+from flakectl.errors import FlakectlError, driver_error, from_driver
 
 
 class MigrationFailed(FlakectlError):
@@ -55,17 +55,20 @@ def _alembic_errors() -> Iterator[None]:
             f"{exc}; known revisions: {', '.join(revisions())}, or head / base"
         ) from exc
     except sqlalchemy.exc.DBAPIError as exc:
-        if isinstance(exc.orig, psycopg.Error):
-            message = str(from_psycopg(exc.orig)).removeprefix("flakectl: ")
-            # the server's DETAIL and HINT: printed by the command from exc.orig.diag
+        found = driver_error(exc)
+        if found is not None:
+            message = str(from_driver(found)).removeprefix("flakectl: ")
+            # the server's DETAIL and HINT: printed by the command from the driver error's diag
             raise MigrationFailed(f"migration failed, nothing was changed: {message}") from exc
         raise
 
 
 @contextlib.contextmanager
 def _connection(dsn: str | None) -> Iterator[sqlalchemy.Connection]:
-    raw = connect(dsn, autocommit=False)  # Alembic runs each migration in one transaction
-    engine = sqlalchemy.create_engine("postgresql+psycopg://", creator=lambda: raw,
+    # Alembic runs each migration in one transaction
+    driver = migrate.driver()
+    raw = connect(dsn, autocommit=False) if driver == "psycopg" else connect_psycopg2(dsn)
+    engine = sqlalchemy.create_engine(f"postgresql+{driver}://", creator=lambda: raw,
                                       poolclass=pool.NullPool)
     try:
         with engine.begin() as conn:

@@ -3,9 +3,12 @@ beside it) can upgrade a database: the migrations ship in the package."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import io
 from importlib import resources
 
+import sqlalchemy
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -13,6 +16,33 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool
 
 from flakectl import sqlfiles
+from flakectl.errors import FlakectlError
+
+#: SQLAlchemy 2.0 brought the psycopg 3 dialect; 1.4 (the worker's) has psycopg2's only.
+SQLALCHEMY_2 = int(sqlalchemy.__version__.split(".")[0]) >= 2
+
+
+class NoMigrationDriver(FlakectlError):
+    """SQLAlchemy has no driver for flakectl's migrations here."""
+
+
+def driver() -> str:
+    """The DB-API driver Alembic's connections use: psycopg 3 under SQLAlchemy 2
+    (flakectl's own driver), psycopg2 under SQLAlchemy 1.4, which has no psycopg 3
+    dialect (a worker environment pinning sqlalchemy<2 has psycopg2)."""
+    if SQLALCHEMY_2 and importlib.util.find_spec("psycopg") is not None:
+        return "psycopg"
+    if importlib.util.find_spec("psycopg2") is not None:
+        return "psycopg2"
+    raise NoMigrationDriver(
+        f"SQLAlchemy {sqlalchemy.__version__} has no psycopg 3 dialect (it arrived in 2.0) and "
+        "psycopg2 is not installed: install psycopg2-binary, or SQLAlchemy>=2"
+    )
+
+
+def offline_url() -> str:
+    """A URL naming the dialect for offline SQL (`db sql`): no driver is loaded."""
+    return "postgresql+psycopg://" if SQLALCHEMY_2 else "postgresql+psycopg2://"
 
 
 #: the transaction-scoped advisory lock every migration takes first (migrations/env.py)
@@ -20,10 +50,10 @@ MIGRATION_LOCK_KEY = 0x666C616B65637400
 
 
 def sqlalchemy_url(url: str) -> str:
-    """A plain libpq URL with SQLAlchemy's psycopg 3 driver named."""
+    """A plain libpq URL with SQLAlchemy's driver for this environment named (`driver()`)."""
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix):]
+            return f"postgresql+{driver()}://" + url[len(prefix):]
     return url
 
 
@@ -32,10 +62,10 @@ def engine(url: str):  # noqa: ANN201 - a SQLAlchemy Engine
     SQLAlchemy cannot parse: psycopg gets it whole)."""
     if "://" in url:
         return create_engine(sqlalchemy_url(url), poolclass=pool.NullPool)
-    import psycopg
-
-    return create_engine("postgresql+psycopg://", poolclass=pool.NullPool,
-                         creator=lambda: psycopg.connect(url))
+    name = driver()
+    module = importlib.import_module(name)  # psycopg, or psycopg2 under SQLAlchemy 1.4
+    return create_engine(f"postgresql+{name}://", poolclass=pool.NullPool,
+                         creator=lambda: module.connect(url))
 
 
 def config(url: str | None = None, *, output_buffer: io.TextIOBase | None = None,

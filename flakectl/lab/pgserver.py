@@ -25,9 +25,13 @@ import urllib.parse
 from collections.abc import Mapping
 
 import psycopg
-import testing.postgresql
 
 from flakectl.errors import FlakectlError
+
+try:  # the lab extra (pip install 'flakectl[lab]'); the wrapper and `flakectl db` need none of it
+    from testing.postgresql import Postgresql as _TestingPostgresql
+except ImportError:
+    _TestingPostgresql = None
 
 #: Debian/Ubuntu install each major version side by side here.
 DEBIAN_BIN_GLOB = "/usr/lib/postgresql/*/bin"
@@ -52,6 +56,10 @@ class ServerBinariesNotFound(FlakectlError):
 
 class ServerStartFailed(FlakectlError):
     """The throwaway PostgreSQL server could not be started."""
+
+
+class LabNotInstalled(FlakectlError):
+    """A throwaway PostgreSQL server (demo, bench, tests) needs testing.postgresql: pip install 'flakectl[lab]'"""
 
 
 _HOW_TO_GET = (
@@ -145,7 +153,7 @@ def _searchable_by_all(directory: str) -> bool:
     return all(os.stat(p).st_mode & stat.S_IXOTH for p in (path, *path.parents))
 
 
-class _Postgresql(testing.postgresql.Postgresql):
+class _Postgresql(_TestingPostgresql or object):  # type: ignore[misc]
     """testing.postgresql, running the server as `run_as` (None: as ourselves)."""
 
     def __init__(self, *, bin_dir: pathlib.Path, run_as: pwd.struct_passwd | None,
@@ -252,6 +260,8 @@ class ThrowawayServer:
 
     def __init__(self, *, settings: Mapping[str, str] | None = None,
                  bin_dir: str | None = None):
+        if _TestingPostgresql is None:
+            raise LabNotInstalled()
         self.settings = {**DEFAULT_SETTINGS, **(settings or {})}
         self.bin_dir = find_server_binaries(bin_dir)
         self._pg: _Postgresql | None = None
