@@ -1,5 +1,10 @@
-"""flakectl: in-database flaky-test detection for Codecov test analytics."""
+"""flakectl: in-database flaky-test detection for Codecov test analytics.
 
+The entry points run on the caller's connection and import no driver (nor
+SQLAlchemy or Alembic): flakectl.adapter recognizes the connection it is given.
+"""
+
+from flakectl.api import process_commit, process_uploads
 from flakectl.errors import (
     BadInput,
     ConcurrentConflict,
@@ -13,18 +18,6 @@ from flakectl.errors import (
 )
 from flakectl.model import Summary
 
-# The entry points import psycopg: loaded on first use, so that the flakectl
-# command starts fast (`flakectl --help` needs no driver) and `import flakectl`
-# never imports SQLAlchemy or Alembic.
-_LAZY = {"process_commit": "flakectl.api", "process_uploads": "flakectl.api"}
-
-
-def __getattr__(name: str):  # noqa: ANN202 - PEP 562
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'flakectl' has no attribute {name!r}")
 
 __all__ = [
     "BadInput",
