@@ -277,6 +277,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated:
         options.err(f"{PROG}: terminated")
         return 143
+    except ModuleNotFoundError as exc:
+        if exc.name != "psycopg":
+            raise
+        # psycopg 3 is an extra: a worker's environment has psycopg2 only (flakectl db works there)
+        options.err(f"{PROG}: error: this command needs psycopg 3, the flakectl command's driver:"
+                    " pip install 'flakectl[cli]'")
+        return 1
     except KeyboardInterrupt:
         options.err(f"{PROG}: interrupted")
         return 130

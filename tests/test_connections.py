@@ -210,10 +210,28 @@ def test_django_with_the_other_driver(django_project):  # noqa: ANN001
     again, in a process where Django uses the other one."""
     other = "psycopg" if django_driver() == "psycopg2" else "psycopg2"
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "django",
+        [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "django",
          "tests/test_connections.py", "tests/test_worker_django.py"],
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         env={**os.environ, DRIVER_ENV: other}, capture_output=True, text=True, check=False,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert " passed" in done.stdout
+
+
+def test_installing_flakectl_leaves_the_callers_driver_alone():
+    """No driver is required: Django's backend prefers psycopg 3 whenever it is
+    importable, so a required psycopg 3 would switch the worker's Django from
+    psycopg2; and `import flakectl` loads none."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    required = [Requirement(r) for r in requires("flakectl") or ()]
+    unconditional = {r.name.lower() for r in required if r.marker is None}
+    assert unconditional == {"alembic", "sqlalchemy"}
+    assert {str(r.specifier) for r in required if r.name.lower() == "sqlalchemy" and r.marker is None} == {">=1.4"}
+    done = subprocess.run([sys.executable, "-P", "-c", "import sys, flakectl; flakectl.process_commit;"
+                           " print(sorted(m for m in ('psycopg', 'psycopg2', 'django', 'sqlalchemy', 'alembic')"
+                           " if m in sys.modules))"], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["[]"]

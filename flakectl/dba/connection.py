@@ -6,17 +6,21 @@ conninfo lets libpq fill in everything. Both URLs
 (`postgresql://user@host/db`) and key=value strings (`host=... dbname=...`)
 are accepted. Connections are READ COMMITTED whatever the server's default
 (SPEC rule 8: the functions refuse snapshot isolation levels).
+
+psycopg 3 is the command's driver, an extra (`flakectl[cli]`): a worker's
+environment has psycopg2 only, and `flakectl db` then migrates through it
+(connect_psycopg2), so nothing here imports psycopg 3 before it is needed.
 """
 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-import psycopg
-from psycopg import IsolationLevel
-
-from flakectl.dba.snapshot import register_timestamps
 from flakectl.errors import ConnectionFailed
+
+if TYPE_CHECKING:
+    import psycopg
 
 ENV_URL = "FLAKECTL_DATABASE_URL"
 
@@ -33,13 +37,24 @@ def describe(info: str) -> str:
     if not info:
         return "libpq defaults (PGHOST, PGPORT, PGDATABASE, ...)"
     try:
-        params = psycopg.conninfo.conninfo_to_dict(info)
-    except psycopg.Error:
+        params = _parse(info)
+    except Exception:  # noqa: BLE001 - either driver's parse error
         return "(an unreadable DSN)"
     host = params.get("host", "(default host)")
     port = params.get("port")
     where = f"{host}:{port}" if port else str(host)
     return f"{where}, database {params.get('dbname', '(default)')}"
+
+
+def _parse(info: str) -> dict:
+    """libpq's reading of a URL or key=value DSN, by whichever driver is installed."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        from psycopg2.extensions import parse_dsn
+
+        return parse_dsn(info)
+    return conninfo_to_dict(info)
 
 
 def _failed(info: str, exc: Exception) -> ConnectionFailed:
@@ -52,12 +67,16 @@ def _failed(info: str, exc: Exception) -> ConnectionFailed:
 
 def connect(dsn: str | None, *, autocommit: bool = True) -> psycopg.Connection:
     """A connection to the flakectl database; ConnectionFailed (one line) if there is none."""
+    import psycopg  # ModuleNotFoundError without the cli extra: the command says so
+
+    from flakectl.dba.snapshot import register_timestamps
+
     info = conninfo(dsn)
     try:
         conn = psycopg.connect(info, autocommit=autocommit)
     except psycopg.Error as exc:
         raise _failed(info, exc) from exc
-    conn.isolation_level = IsolationLevel.READ_COMMITTED
+    conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
     register_timestamps(conn)  # infinity and years past 9999 (flakectl.model.OutOfRange)
     return conn
 

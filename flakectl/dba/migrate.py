@@ -34,6 +34,9 @@ def driver() -> str:
         return "psycopg"
     if importlib.util.find_spec("psycopg2") is not None:
         return "psycopg2"
+    if SQLALCHEMY_2:
+        raise NoMigrationDriver("no PostgreSQL driver is installed: pip install 'flakectl[cli]'"
+                                " (psycopg 3), or psycopg2-binary")
     raise NoMigrationDriver(
         f"SQLAlchemy {sqlalchemy.__version__} has no psycopg 3 dialect (it arrived in 2.0) and "
         "psycopg2 is not installed: install psycopg2-binary, or SQLAlchemy>=2"
