@@ -215,8 +215,8 @@ def run_online() -> None:
     engine = make_engine(database_url())
     try:
         with engine.connect() as conn:
-            schema = version_table_schema(conn)
-            conn.rollback()  # Alembic begins the migration's own transaction
+            with conn.begin():  # ended before Alembic begins the migration's own transaction
+                schema = version_table_schema(conn)  # (conn.rollback() is SQLAlchemy 2's only)
             context.configure(connection=conn, transactional_ddl=True, version_table_schema=schema)
             with context.begin_transaction():
                 before_steps(conn)
