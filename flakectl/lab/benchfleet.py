@@ -20,7 +20,12 @@ pg_stat_activity for the workers' backends (each names its commit's
 repository in application_name) and, for a backend waiting on a heavyweight
 lock, the repositories of the backends blocking it (pg_blocking_pids). Every
 commit has its own repository, so any lock wait between workers is a wait
-between different repositories, and there must be none. A and B must report
+between different repositories, and there must be none on the data
+(advisory, row, transaction, relation locks). Waits on a relation's
+extension lock are counted apart: PostgreSQL lets one backend at a time add
+pages to a table's file, so two calls writing new row versions of the same
+table (marking, new flakes) can wait for each other there for the moment the
+file grows, whatever rows or repositories they write. A and B must report
 the same counters per commit (flakes created, updated, expired, runs
 marked); the single-commit bench compares the full states.
 """
@@ -84,7 +89,8 @@ class Run:
     samples: int = 0
     waits: Counter = field(default_factory=Counter)  # "type:event" -> samples
     lock_same_repo: int = 0
-    lock_other_repo: int = 0
+    lock_other_repo: int = 0  # on a lock of the data (advisory, row, transaction, relation)
+    extend_other_repo: int = 0  # on a relation's extension lock: the table's file growing
     lock_details: list[str] = field(default_factory=list)
 
     @property
@@ -110,6 +116,7 @@ class Run:
             "max_ms": round(max(self.latencies.values()) * 1000, 2),
             "samples": self.samples, "wait_events": dict(self.waits),
             "lock_waits_same_repo": self.lock_same_repo, "lock_waits_other_repo": self.lock_other_repo,
+            "extend_waits_other_repo": self.extend_other_repo,
             "lock_wait_details": self.lock_details[:20],
         }
 
@@ -166,6 +173,10 @@ class _Sampler:
                     for blocker in blockers or [None]:
                         if blocker == app:
                             self.run.lock_same_repo += 1
+                        elif wevent == "extend":
+                            # PostgreSQL lets one backend at a time add pages to a table: two
+                            # calls writing new row versions wait for it, whatever the rows
+                            self.run.extend_other_repo += 1
                         else:
                             self.run.lock_other_repo += 1
                             self.run.lock_details.append(f"{app} waits ({wevent}) for {blocker}")
@@ -262,14 +273,15 @@ def describe(commits: list[FleetCommit], other_rows: int, seed: int, runs: list[
            f" pg_stat_activity sampled every {SAMPLE_SECONDS * 1000:.0f} ms",
            "",
            "| K | path | commits | commits/s | p50 ms | p95 ms | p99 ms | max ms | wall s | active samples"
-           " | lock waits, same repo | lock waits, other repo | wait events sampled |",
-           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+           " | lock waits, same repo | lock waits, other repo | extension-lock waits, other repo"
+           " | wait events sampled |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in runs:
         waits = ", ".join(f"{name} {n}" for name, n in r.waits.most_common(4)) or "none"
         out.append(f"| {r.k} | {r.path} | {len(r.latencies)} | {r.throughput:,.1f} | {r.quantile(0.5) * 1000:,.1f}"
                    f" | {r.quantile(0.95) * 1000:,.1f} | {r.quantile(0.99) * 1000:,.1f}"
                    f" | {max(r.latencies.values()) * 1000:,.1f} | {r.wall:,.2f} | {r.samples:,}"
-                   f" | {r.lock_same_repo} | {r.lock_other_repo} | {waits} |")
+                   f" | {r.lock_same_repo} | {r.lock_other_repo} | {r.extend_other_repo} | {waits} |")
     out += ["", "| K | A commits/s | B commits/s | A/B throughput |", "|---:|---:|---:|---:|"]
     for k in sorted({r.k for r in runs}):
         a = next(r for r in runs if r.k == k and r.path == "A")
