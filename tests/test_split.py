@@ -300,6 +300,7 @@ def test_the_command(capsys, monkeypatch, dbs):
         f"layout     main side of a split: the flakes are read from the runs database {r_where}"
         " (server flakectl_runs, read-only); process there",
         "link       answers"]
+    assert out.splitlines()[4].endswith(" (as it was at the split: the runs database's ledger counts)")
     code, out, err = cli("split", "--main-dsn", dbs.m_dsn, "--runs-dsn", dbs.r_dsn, "--undo")
     assert (code, err) == (0, "")
     assert out.splitlines()[-1].startswith("undone: process in the main database again")

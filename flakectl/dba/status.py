@@ -95,6 +95,8 @@ class Status:
             out.append(f"ledger     {self.ledger_rows} uploads; last: upload {self.last_upload_id}"
                        f" of repo {self.last_repo_id}, commit {o.printable(self.last_commit_sha or '-')},"
                        f" at {self.last_processed_at:%Y-%m-%d %H:%M:%S%z}")
+        if self.layout.side == "main":  # a one-database deployment moved to the split
+            out[-1] += " (as it was at the split: the runs database's ledger counts)"
         out.append("")
         out.append(f"{'repo':>10}  {'open':>8}  {'expired':>8}")
         out += [f"{r.repo_id:>10}  {r.open:>8}  {r.expired:>8}" for r in self.repos]
