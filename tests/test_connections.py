@@ -235,3 +235,19 @@ def test_installing_flakectl_leaves_the_callers_driver_alone():
                            " print(sorted(m for m in ('psycopg', 'psycopg2', 'django', 'sqlalchemy', 'alembic')"
                            " if m in sys.modules))"], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["[]"]
+
+
+@pytest.mark.parametrize("state, cls", [("40001", flakectl.ConcurrentConflict), ("55P03", flakectl.LockNotAvailable),
+                                        ("42501", flakectl.FlakectlError)])
+def test_sqlstates_the_entry_points_rarely_raise_map_alike(setup, state, cls):
+    """40001 (another repository's concurrent call) and 42501 (no grant) raised
+    by the server through adapter.call, the entry points' one path."""
+    from flakectl import adapter
+
+    caller, monitor, upload = setup
+    with pytest.raises(flakectl.FlakectlError) as info:
+        adapter.call(caller.target, f"do $$ begin raise exception 'flakectl: raised' using errcode = '{state}'; end $$",
+                     {}, Summary)
+    _check(info.value, cls, state)
+    assert str(info.value) == "flakectl: raised"
+    assert flakectl.process_commit(caller.target, R, "sha1") == DONE  # the connection goes on
