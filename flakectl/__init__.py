@@ -14,6 +14,7 @@ from flakectl.errors import (
     LockNotAvailable,
     NotInstalled,
     NullArgument,
+    PermissionDenied,
     WrongIsolationLevel,
 )
 from flakectl.model import Summary
@@ -28,6 +29,7 @@ __all__ = [
     "LockNotAvailable",
     "NotInstalled",
     "NullArgument",
+    "PermissionDenied",
     "Summary",
     "WrongIsolationLevel",
     "process_commit",

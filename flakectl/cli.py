@@ -79,6 +79,8 @@ COMMANDS = [
     Command("db current", "flakectl.dba.dbadmin:current", "print the installed revision"),
     Command("db sql", "flakectl.dba.dbadmin:sql",
             "print the SQL an upgrade to REV (default: head) runs, to apply by hand"),
+    Command("db grant", "flakectl.dba.grant",
+            "let ROLE call process_commit and process_uploads, and nothing else (--revoke: take it back)"),
     Command("process", "flakectl.dba.process",
             "process a commit's uploads (or given uploads) and print the summary row"),
     Command("verify", "flakectl.dba.verify",

@@ -75,6 +75,12 @@ class DataWouldBeLost(FlakectlError):
     """A downgrade would drop a table that holds rows; nothing was changed (give drop_data to drop them)."""
 
 
+class PermissionDenied(FlakectlError):
+    """This role may not call flakectl's functions: grant it with `flakectl db grant ROLE` (docs/security.md)."""
+
+    sqlstate = "42501"
+
+
 class ConnectionFailed(FlakectlError):
     """Could not connect to PostgreSQL."""
 
@@ -136,6 +142,13 @@ def from_driver(exc: BaseException) -> FlakectlError:
     message = primary or str(exc).strip()
     if state in _BY_SQLSTATE:
         return _BY_SQLSTATE[state](message)
+    if state == "22003" and message.startswith("flakectl: argument "):
+        return InvalidArgument(message, sqlstate=state)
+    if state == PermissionDenied.sqlstate and any(
+            name in message for name in ("flakectl", "process_commit", "process_uploads")):
+        return PermissionDenied(
+            f"{message}: the role needs `flakectl db grant ROLE` (USAGE on schema flakectl, EXECUTE on"
+            " flakectl.process_commit and flakectl.process_uploads; docs/security.md)")
     if state in _NOT_INSTALLED and "flakectl" in message:
         return NotInstalled.because(message)
     return FlakectlError(message, sqlstate=state)
@@ -168,6 +181,7 @@ __all__ = [
     "LockNotAvailable",
     "NotInstalled",
     "NullArgument",
+    "PermissionDenied",
     "WrongIsolationLevel",
     "driver_error",
     "from_driver",

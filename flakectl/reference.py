@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
-from flakectl.errors import InvalidArgument, NullArgument
+from flakectl.errors import FlakectlError, InvalidArgument, NullArgument
 from flakectl.model import (
     ArchivedFlake,
     Flake,
@@ -51,6 +51,9 @@ __all__ = [
 ]
 
 DEFAULT_LOOKBACK = timedelta(days=1)
+
+# test_analytics_flake's integer columns (repoid, the counters)
+_INTEGER = (-(2**31), 2**31 - 1)
 DEFAULT_EXPIRE_AFTER = 30
 
 # Rule 3: the outcome classes. Comparison is exact (case-sensitive): 'PASS' or
@@ -213,14 +216,33 @@ def _written(
 def _check_arguments(
     named: Iterable[tuple[str, object]], lookback: timedelta | None, expire_after: int | None
 ) -> None:
-    # NULLs first (22004), in parameter order, then ranges (22023).
+    # NULLs first (22004), in parameter order, then bad values in parameter
+    # order: repo_id outside integer (22003), a lookback whose window starts
+    # after now() (22023; a timedelta has no months, so that is a negative
+    # one), expire_after < 1 (22023).
+    named = list(named)
     for name, value in named:
         if value is None:
             raise NullArgument(f"{name} must not be NULL, got NULL")
+    repo_id = dict(named)["repo_id"]
+    if not _INTEGER[0] <= repo_id <= _INTEGER[1]:
+        raise InvalidArgument(f"repo_id must be within integer (the range of test_analytics_flake.repoid),"
+                              f" got {repo_id}", sqlstate="22003")
     if lookback < timedelta(0):
         raise InvalidArgument(f"lookback must not be negative, got {lookback}")
     if expire_after < 1:
         raise InvalidArgument(f"expire_after must be at least 1, got {expire_after}")
+
+
+def _window_start(now: datetime, lookback: timedelta) -> datetime | None:
+    """Rule 10: the window's start, or None (no lower bound) when it lies
+    before the earliest timestamp. The reference's earliest is datetime's (year
+    1), PostgreSQL's is 4713 BC: the same for every run stored at or after
+    year 1."""
+    try:
+        return now - lookback
+    except OverflowError:
+        return None
 
 
 # --------------------------------------------------------------------------
@@ -256,7 +278,7 @@ def _process(
     # Rule 2: runs of the processed uploads, in the window, of this repo.
     # Runs whose outcome is neither class are dropped here (rule 3): they are
     # neither considered nor marked. lookback None (replay): no window.
-    cutoff = None if lookback is None else snapshot.now - lookback
+    cutoff = None if lookback is None else _window_start(snapshot.now, lookback)
     runs = [
         run
         for run in snapshot.testruns
@@ -367,6 +389,16 @@ def _process(
     # Rule 4's last point: every field of every touched flake is written,
     # expired ones included (trap: writing only end_date loses count and rpc).
     touched = [t for t in tracked if t.changed]
+    # Rule 10: counters computed without overflow (Python ints); a result that
+    # does not fit its integer column fails the call, naming the flake.
+    for t in touched:
+        values = (t.flake.count, t.flake.fail_count, t.flake.recent_passes_count)
+        if not all(_INTEGER[0] <= v <= _INTEGER[1] for v in values):
+            who = "a new flake" if t.flake.id is None else f"flake {t.flake.id}"
+            raise FlakectlError(
+                f"flakectl: a counter of {who} (test \\x{t.flake.test_id.hex()}): count {values[0]},"
+                f" fail_count {values[1]}, recent_passes_count {values[2]} does not fit integer;"
+                " nothing was changed", sqlstate="22003")
     summary = Summary(
         uploads_processed=len(processed),
         uploads_skipped=len(skipped),
@@ -396,7 +428,6 @@ def _process(
 # Rule 11: replay
 # --------------------------------------------------------------------------
 
-_INTEGER = (-(2**31), 2**31 - 1)
 
 
 def _compared(flake: Flake) -> tuple:

@@ -26,7 +26,6 @@ CREATE FUNCTION flakectl.guard(p_repo_id bigint, p_lookback interval, p_expire_a
     AS $$
 declare
   v_isolation text := current_setting('transaction_isolation');
-  v_key integer;
 begin
   if p_repo_id is null then
     raise exception using errcode = '22004', message = 'flakectl: argument repo_id must not be NULL';
@@ -43,7 +42,12 @@ begin
   if p_wait is null then
     raise exception using errcode = '22004', message = 'flakectl: argument wait must not be NULL';
   end if;
-  if p_lookback < interval '0' then
+  if p_repo_id not between -2147483648 and 2147483647 then
+    raise exception using errcode = '22003',
+      message = format('flakectl: argument repo_id must be within integer (the range of test_analytics_flake.repoid), got %s',
+                       p_repo_id);
+  end if;
+  if flakectl.window_start(p_lookback) is null then
     raise exception using errcode = '22023',
       message = format('flakectl: argument lookback must not be negative, got %s', p_lookback);
   end if;
@@ -58,13 +62,9 @@ begin
       hint = 'Run the call in a READ COMMITTED transaction (PostgreSQL''s default).';
   end if;
 
-  v_key := case
-    when p_repo_id between -2147483648 and 2147483647 then p_repo_id::integer
-    else hashint8(p_repo_id)
-  end;
   if p_wait then
-    perform pg_advisory_xact_lock(1718381411, v_key);
-  elsif not pg_try_advisory_xact_lock(1718381411, v_key) then
+    perform pg_advisory_xact_lock(1718381411, p_repo_id::integer);
+  elsif not pg_try_advisory_xact_lock(1718381411, p_repo_id::integer) then
     raise exception using errcode = '55P03',
       message = format('flakectl: repository %s is being processed by another call', p_repo_id),
       hint = 'Retry later, or call with wait => true to queue behind it.';
@@ -83,6 +83,9 @@ declare
   v_repo_id bigint := process_commit.repo_id;
   v_commit_sha text := process_commit.commit_sha;
   v_candidates bigint[];
+  v_lock_timeout text := current_setting('lock_timeout');
+  v_result flakectl.summary;
+  v_message text;
 begin
   -- NULL checks in parameter order, so that with several NULLs the first is named
   -- (v0001 named commit_sha before repo_id)
@@ -95,18 +98,41 @@ begin
   perform flakectl.guard(v_repo_id, process_commit.lookback, process_commit.expire_after,
                          process_commit.dry_run, process_commit.wait);
 
-  select coalesce(array_agg(distinct u.id order by u.id), '{}')
-    into v_candidates
-    from public.commits c
-    join public.reports_commitreport r on r.commit_id = c.id
-    join public.reports_upload u on u.report_id = r.id
-   where c.repoid = v_repo_id
-     and c.commitid = v_commit_sha
-     and r.report_type = 'test_results'
-     and u.state = 'processed';
+  -- wait => false: no lock wait at all (SPEC rule 8): the repository's lock was
+  -- tried above; every other lock (another call's ledger row, a flake or run
+  -- row, a relation locked by DDL) fails at once with 55P03 through a
+  -- lock_timeout set for the call only (undone with the block on error,
+  -- restored on return)
+  begin
+    if not process_commit.wait then
+      perform set_config('lock_timeout', '1ms', true);
+    end if;
+    select coalesce(array_agg(distinct u.id order by u.id), '{}')
+      into v_candidates
+      from public.commits c
+      join public.reports_commitreport r on r.commit_id = c.id
+      join public.reports_upload u on u.report_id = r.id
+     where c.repoid = v_repo_id
+       and c.commitid = v_commit_sha
+       and r.report_type = 'test_results'
+       and u.state = 'processed';
 
-  return flakectl.process_upload_set(v_repo_id, v_candidates, process_commit.lookback,
-                                     process_commit.expire_after, process_commit.dry_run, v_commit_sha);
+    v_result := flakectl.process_upload_set(v_repo_id, v_candidates, process_commit.lookback,
+                                            process_commit.expire_after, process_commit.dry_run, v_commit_sha);
+  exception when lock_not_available then
+    if process_commit.wait then
+      raise;
+    end if;
+    get stacked diagnostics v_message = message_text;
+    raise exception using errcode = '55P03',
+      message = format('flakectl: repository %s: wait => false, and a lock this call needs is held by another '
+                       'transaction (%s); nothing was changed', v_repo_id, v_message),
+      hint = 'Retry later, or call with wait => true to queue behind it.';
+  end;
+  if not process_commit.wait then
+    perform set_config('lock_timeout', v_lock_timeout, true);
+  end if;
+  return v_result;
 end;
 $$;
 
@@ -118,11 +144,8 @@ CREATE FUNCTION flakectl.process_upload_set(p_repo_id bigint, p_candidates bigin
     SET max_parallel_workers_per_gather TO '0'
     AS $$
 declare
-  -- the window starts lookback before now, in UTC whatever the session's TimeZone
-  v_cutoff timestamptz := (now() at time zone 'UTC' - p_lookback) at time zone 'UTC';
+  v_cutoff timestamptz := flakectl.window_start(p_lookback);
   v_uploads bigint[];
-  v_tests bytea[];
-  v_lim0 integer[];
   v_changes flakectl.flake_change[];
   v_result flakectl.summary;
   v_detail text;
@@ -134,106 +157,9 @@ begin
     left join flakectl.processed_upload l on l.upload_id = c.id;
   v_result.uploads_processed := cardinality(v_uploads)::bigint;
 
-  -- the tests that matter, sorted (the per-test reads then walk the index in
-  -- order), each with the pass of group 0 that expires its open flake
-  select coalesce(array_agg(t.test_id order by t.test_id), '{}'),
-         coalesce(array_agg(greatest(p_expire_after - o.recent_passes_count, 1) order by t.test_id), '{}')
-    into v_tests, v_lim0
-    from (
-      select r.test_id
-        from public.ta_timeseries_testrun r
-       where r.upload_id = any(v_uploads)
-         and r.outcome in ('failure', 'error', 'flaky_fail')
-         and r.repo_id = p_repo_id
-         and r.timestamp >= v_cutoff
-      union
-      select f.test_id
-        from public.test_analytics_flake f
-       where f.repoid = p_repo_id
-         and f.end_date is null
-    ) t
-    left join public.test_analytics_flake o
-      on o.repoid = p_repo_id and o.test_id = t.test_id and o.end_date is null;
-
-  with run as (
-    select t.idx, t.lim0, r.upload_id, r.timestamp as ts,
-           r.outcome <> 'pass' as is_fail,
-           r.outcome in ('failure', 'error') as to_mark
-      from unnest(v_tests, v_lim0) with ordinality as t(test_id, lim0, idx)
-      cross join lateral (
-        select r.upload_id, r.timestamp, r.outcome
-          from public.ta_timeseries_testrun r
-         where r.repo_id = p_repo_id
-           and r.test_id = t.test_id
-           and r.timestamp >= v_cutoff
-           and r.upload_id = any(v_uploads)
-           and r.outcome in ('pass', 'failure', 'error', 'flaky_fail')
-        offset 0
-      ) r
-  ),
-  numbered as (
-    select idx, lim0, upload_id, ts, is_fail, to_mark,
-           count(*) filter (where is_fail) over (partition by idx order by upload_id, ts, is_fail desc
-                                                 rows unbounded preceding) as grp
-      from run
-  ),
-  per_group as (
-    -- the k-th pass of a group is the k-th of its passes in run order; a
-    -- group of at most a test's runs in the call, so the array stays small
-    select idx, grp, considered, marked, fail_ts,
-           case when limit_k is null then 0 else least(pass_count, limit_k) end as passes,
-           pass_ts[limit_k] as expire_ts
-      from (
-        select idx, grp,
-               case when grp > 0 then p_expire_after else max(lim0) end as limit_k,
-               count(*) as considered,
-               count(*) filter (where to_mark) as marked,
-               min(ts) filter (where is_fail) as fail_ts,
-               count(*) filter (where not is_fail) as pass_count,
-               array_agg(ts order by upload_id, ts) filter (where not is_fail) as pass_ts
-          from numbered
-         group by idx, grp
-      ) g
-  ),
-  per_flake as (
-    select per_group.*,
-           count(expire_ts) over (partition by idx order by grp
-                                  rows between unbounded preceding and 1 preceding) as seq
-      from per_group
-  ),
-  change as (
-    select idx, seq,
-           sum(considered) as considered,
-           sum(marked) as marked,
-           count(*) filter (where grp > 0) as fails,  -- a group after 0 opens with its failure
-           sum(passes) as passes,
-           max(grp) as last_grp,
-           (array_agg(passes order by grp desc))[1] as last_passes,
-           (array_agg(fail_ts order by grp) filter (where grp > 0))[1] as first_fail,
-           max(expire_ts) as end_date
-      from per_flake
-     group by idx, seq
-  )
-  select coalesce(sum(c.considered), 0)::bigint,
-         coalesce(sum(c.marked), 0)::bigint,
-         coalesce(array_agg(row(
-                   case when c.seq = 0 then t.flake_id end,
-                   t.test_id,
-                   (case when c.seq = 0 and t.flake_id is not null then t.count0 else 0 end + c.fails + c.passes)::integer,
-                   (case when c.seq = 0 and t.flake_id is not null then t.fail_count0 else 0 end + c.fails)::integer,
-                   (case when c.last_grp = 0 then t.rpc0 else 0 end + c.last_passes)::integer,
-                   case when c.seq = 0 and t.flake_id is not null then t.start_date0 else c.first_fail end,
-                   c.end_date
-                 )::flakectl.flake_change order by t.test_id, c.seq)
-                 filter (where (c.seq = 0 and t.flake_id is not null) or c.fails > 0), '{}')
+  select s.testruns_considered, s.testruns_marked, s.changes
     into v_result.testruns_considered, v_result.testruns_marked, v_changes
-    from change c
-    join (select t.idx, t.test_id, o.id as flake_id, o.count as count0,
-                 o.fail_count as fail_count0, o.recent_passes_count as rpc0, o.start_date as start_date0
-            from unnest(v_tests) with ordinality as t(test_id, idx)
-            left join public.test_analytics_flake o
-              on o.repoid = p_repo_id and o.test_id = t.test_id and o.end_date is null) t
-      on t.idx = c.idx;
+    from flakectl.state_machine(p_repo_id, v_uploads, v_cutoff, p_expire_after, false, not p_dry_run) s;
 
   select count(*) filter (where c.flake_id is null),
          count(*) filter (where c.flake_id is not null),
@@ -245,8 +171,6 @@ begin
     return v_result;
   end if;
 
-  -- expire/update first: a new flake of the same test may only be inserted
-  -- once the old one has left the one-open-flake-per-test index
   update public.test_analytics_flake f
      set count = c.count,
          fail_count = c.fail_count,
@@ -254,7 +178,9 @@ begin
          end_date = c.end_date
     from unnest(v_changes) c
    where c.flake_id is not null
-     and f.id = c.flake_id;
+     and f.id = c.flake_id
+     and f.repoid = p_repo_id
+     and f.end_date is null;
 
   insert into public.test_analytics_flake
     (repoid, test_id, flags_id, recent_passes_count, count, fail_count, start_date, end_date)
@@ -263,13 +189,6 @@ begin
     from unnest(v_changes) c
    where c.flake_id is null
    order by c.test_id, c.start_date;
-
-  update public.ta_timeseries_testrun r
-     set outcome = 'flaky_fail'
-   where r.upload_id = any(v_uploads)
-     and r.outcome in ('failure', 'error')
-     and r.repo_id = p_repo_id
-     and r.timestamp >= v_cutoff;
 
   -- v_uploads holds no ledger row as of this call's lock, so a conflict means a
   -- call for another repository, given one of these upload ids, committed it
@@ -299,6 +218,9 @@ CREATE FUNCTION flakectl.process_uploads(repo_id bigint, upload_ids bigint[], lo
 #variable_conflict use_column
 declare
   v_candidates bigint[];
+  v_lock_timeout text := current_setting('lock_timeout');
+  v_result flakectl.summary;
+  v_message text;
 begin
   -- NULL checks in parameter order, so that with several NULLs the first is named
   -- (v0001 named upload_ids before repo_id)
@@ -311,13 +233,36 @@ begin
   perform flakectl.guard(process_uploads.repo_id, process_uploads.lookback, process_uploads.expire_after,
                          process_uploads.dry_run, process_uploads.wait);
 
-  select coalesce(array_agg(distinct u order by u), '{}')
-    into v_candidates
-    from unnest(process_uploads.upload_ids) as u
-   where u is not null;
+  -- wait => false: no lock wait at all (SPEC rule 8): the repository's lock was
+  -- tried above; every other lock (another call's ledger row, a flake or run
+  -- row, a relation locked by DDL) fails at once with 55P03 through a
+  -- lock_timeout set for the call only (undone with the block on error,
+  -- restored on return)
+  begin
+    if not process_uploads.wait then
+      perform set_config('lock_timeout', '1ms', true);
+    end if;
+    select coalesce(array_agg(distinct u order by u), '{}')
+      into v_candidates
+      from unnest(process_uploads.upload_ids) as u
+     where u is not null;
 
-  return flakectl.process_upload_set(process_uploads.repo_id, v_candidates, process_uploads.lookback,
-                                     process_uploads.expire_after, process_uploads.dry_run, null);
+    v_result := flakectl.process_upload_set(process_uploads.repo_id, v_candidates, process_uploads.lookback,
+                                            process_uploads.expire_after, process_uploads.dry_run, null);
+  exception when lock_not_available then
+    if process_uploads.wait then
+      raise;
+    end if;
+    get stacked diagnostics v_message = message_text;
+    raise exception using errcode = '55P03',
+      message = format('flakectl: repository %s: wait => false, and a lock this call needs is held by another '
+                       'transaction (%s); nothing was changed', process_uploads.repo_id, v_message),
+      hint = 'Retry later, or call with wait => true to queue behind it.';
+  end;
+  if not process_uploads.wait then
+    perform set_config('lock_timeout', v_lock_timeout, true);
+  end if;
+  return v_result;
 end;
 $$;
 
@@ -333,18 +278,192 @@ begin
   if v_older_than is null then
     raise exception using errcode = '22004', message = 'flakectl: argument older_than must not be NULL';
   end if;
-  if v_older_than < 2 * interval '1 day' then
+  v_cutoff := flakectl.window_start(v_older_than);
+  if v_cutoff is null or v_cutoff > (now() at time zone 'UTC' - interval '2 days') at time zone 'UTC' then
     raise exception using errcode = '22023',
       message = format('flakectl: argument older_than must be at least 2 days (twice the default lookback), got %s',
                        v_older_than),
       hint = 'An upload pruned sooner could be processed again and counted twice.';
   end if;
 
-  v_cutoff := (now() at time zone 'UTC' - v_older_than) at time zone 'UTC';
   delete from flakectl.processed_upload l
    where l.processed_at < v_cutoff;
   get diagnostics v_deleted = row_count;
   return v_deleted;
+end;
+$$;
+
+CREATE FUNCTION flakectl.state_machine(p_repo_id bigint, p_uploads bigint[], p_cutoff timestamp with time zone, p_expire_after integer, p_from_empty boolean, p_mark boolean, OUT testruns_considered bigint, OUT testruns_marked bigint, OUT changes flakectl.flake_change[]) RETURNS record
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    SET plan_cache_mode TO 'force_custom_plan'
+    SET jit TO 'off'
+    SET max_parallel_workers_per_gather TO '0'
+    AS $$
+declare
+  v_overflow text;
+begin
+  with open_flake as materialized (
+    select o.id, o.test_id, o.count, o.fail_count, o.recent_passes_count, o.start_date
+      from public.test_analytics_flake o
+     where o.repoid = p_repo_id
+       and o.end_date is null
+       and not p_from_empty
+  ),
+  test_list as materialized (
+    -- the tests that matter, sorted (the per-test reads then walk the index in
+    -- order), each with the pass of group 0 that expires its open flake
+    select coalesce(array_agg(t.test_id order by t.test_id), '{}') as tests,
+           coalesce(array_agg(greatest(p_expire_after::bigint - o.recent_passes_count, 1) order by t.test_id),
+                    '{}') as lim0s
+      from (
+        select r.test_id
+          from public.ta_timeseries_testrun r
+         where r.upload_id = any(p_uploads)
+           and r.outcome in ('failure', 'error', 'flaky_fail')
+           and r.repo_id = p_repo_id
+           and r.timestamp >= p_cutoff
+        union
+        select f.test_id
+          from open_flake f
+      ) t
+      left join open_flake o on o.test_id = t.test_id
+  ),
+  marked as (
+    update public.ta_timeseries_testrun r
+       set outcome = 'flaky_fail'
+     where p_mark
+       and r.upload_id = any(p_uploads)
+       and r.outcome in ('failure', 'error')
+       and r.repo_id = p_repo_id
+       and r.timestamp >= p_cutoff
+  ),
+  run as (
+    select t.idx, t.lim0, r.upload_id, r.timestamp as ts,
+           r.outcome <> 'pass' as is_fail,
+           r.outcome in ('failure', 'error') as to_mark
+      from unnest((select l.tests from test_list l), (select l.lim0s from test_list l))
+             with ordinality as t(test_id, lim0, idx)
+      cross join lateral (
+        select r.upload_id, r.timestamp, r.outcome
+          from public.ta_timeseries_testrun r
+         where r.repo_id = p_repo_id
+           and r.test_id = t.test_id
+           and r.timestamp >= p_cutoff
+           and r.upload_id = any(p_uploads)
+           and r.outcome in ('pass', 'failure', 'error', 'flaky_fail')
+        offset 0
+      ) r
+  ),
+  numbered as (
+    select idx, lim0, upload_id, ts, is_fail, to_mark,
+           count(*) filter (where is_fail) over (partition by idx order by upload_id, ts, is_fail desc
+                                                 rows unbounded preceding) as grp
+      from run
+  ),
+  per_group as (
+    -- the k-th pass of a group is the k-th of its passes in run order; a
+    -- group of at most a test's runs in the call, so the array stays small
+    select idx, grp, considered, marked, fail_ts,
+           case when limit_k is null then 0 else least(pass_count, limit_k) end as passes,
+           case when limit_k <= pass_count then pass_ts[limit_k::integer] end as expire_ts
+      from (
+        select idx, grp,
+               case when grp > 0 then p_expire_after::bigint else max(lim0) end as limit_k,
+               count(*) as considered,
+               count(*) filter (where to_mark) as marked,
+               min(ts) filter (where is_fail) as fail_ts,
+               count(*) filter (where not is_fail) as pass_count,
+               array_agg(ts order by upload_id, ts) filter (where not is_fail) as pass_ts
+          from numbered
+         group by idx, grp
+      ) g
+  ),
+  per_flake as (
+    select per_group.*,
+           count(expire_ts) over (partition by idx order by grp
+                                  rows between unbounded preceding and 1 preceding) as seq
+      from per_group
+  ),
+  change as (
+    select idx, seq,
+           sum(considered) as considered,
+           sum(marked) as marked,
+           count(*) filter (where grp > 0) as fails,  -- a group after 0 opens with its failure
+           sum(passes) as passes,
+           max(grp) as last_grp,
+           (array_agg(passes order by grp desc))[1] as last_passes,
+           (array_agg(fail_ts order by grp) filter (where grp > 0))[1] as first_fail,
+           max(expire_ts) as end_date
+      from per_flake
+     group by idx, seq
+  ),
+  flake as (
+    -- every value in numeric: stored counters may be anything an integer holds
+    select c.considered, c.marked, t.test_id, c.seq,
+           (c.seq = 0 and o.id is not null) or c.fails > 0 as touched,
+           case when c.seq = 0 then o.id end as flake_id,
+           case when c.seq = 0 and o.id is not null then o.count else 0 end::numeric + c.fails + c.passes as count,
+           case when c.seq = 0 and o.id is not null then o.fail_count else 0 end::numeric + c.fails as fail_count,
+           case when c.last_grp = 0 then o.recent_passes_count else 0 end::numeric + c.last_passes
+             as recent_passes_count,
+           case when c.seq = 0 and o.id is not null then o.start_date else c.first_fail end as start_date,
+           c.end_date
+      from change c
+      join unnest((select l.tests from test_list l)) with ordinality as t(test_id, idx) on t.idx = c.idx
+      left join open_flake o on o.test_id = t.test_id
+  )
+  select coalesce(sum(f.considered), 0)::bigint,
+         coalesce(sum(f.marked), 0)::bigint,
+         coalesce(array_agg(row(f.flake_id, f.test_id, f.count::integer, f.fail_count::integer,
+                                f.recent_passes_count::integer, f.start_date, f.end_date
+                            )::flakectl.flake_change order by f.test_id, f.seq)
+                  filter (where f.touched
+                            and f.count between -2147483648 and 2147483647
+                            and f.fail_count between -2147483648 and 2147483647
+                            and f.recent_passes_count between -2147483648 and 2147483647), '{}'),
+         min(format('%s (test \x%s): count %s, fail_count %s, recent_passes_count %s',
+                    coalesce('flake ' || f.flake_id, 'a new flake'), encode(f.test_id, 'hex'),
+                    f.count, f.fail_count, f.recent_passes_count))
+           filter (where f.touched
+                     and not (f.count between -2147483648 and 2147483647
+                              and f.fail_count between -2147483648 and 2147483647
+                              and f.recent_passes_count between -2147483648 and 2147483647))
+    into testruns_considered, testruns_marked, changes, v_overflow
+    from flake f;
+
+  if v_overflow is not null then
+    raise exception using errcode = '22003',
+      message = format('flakectl: a counter of %s does not fit integer; nothing was changed', v_overflow),
+      hint = 'The stored counters of that flake are corrupt: correct or close the row, then call again.';
+  end if;
+end;
+$$;
+
+CREATE FUNCTION flakectl.window_start(p_value interval) RETURNS timestamp with time zone
+    LANGUAGE plpgsql STABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+declare
+  v_now timestamp := now() at time zone 'UTC';
+  v_start timestamp;
+  v_seconds numeric;
+begin
+  begin
+    v_start := v_now - p_value;
+  exception when datetime_field_overflow then
+    v_seconds := extract(epoch from v_now) - extract(epoch from p_value);
+    if v_seconds < extract(epoch from timestamp '4714-11-24 00:00:00 BC') then
+      return '-infinity'::timestamptz;
+    elsif v_seconds <= extract(epoch from v_now) then
+      return to_timestamp(v_seconds::double precision);
+    end if;
+    return null;  -- past the latest representable timestamp
+  end;
+  if v_start > v_now then
+    return null;
+  end if;
+  return v_start at time zone 'UTC';
 end;
 $$;
 

@@ -82,6 +82,12 @@ def out_of_range(name: str, shown: str) -> tuple:
     return (flakectl.InvalidArgument, "22023", rf"^flakectl: argument {name} must .*, got {re.escape(shown)}$")
 
 
+def beyond_integer(shown: str) -> tuple:
+    """SPEC rule 10: a repo_id outside integer (test_analytics_flake.repoid's range)."""
+    return (flakectl.InvalidArgument, "22003",
+            rf"^flakectl: argument repo_id must be within integer .*, got {re.escape(shown)}$")
+
+
 def ref_commit(*args, **options) -> Callable:
     return lambda snapshot, ids: reference.process_commit(snapshot, *args, **options)
 
@@ -145,16 +151,34 @@ CASES = [
     Case("commit-unknown-repo", commit(987_654, "sha1"), oracle=ref_commit(987_654, "sha1"), zeros=True),
     Case("commit-repo-0", commit(0, "sha1"), oracle=ref_commit(0, "sha1"), zeros=True),
     Case("commit-negative-repo", commit(-1, "sha1"), oracle=ref_commit(-1, "sha1"), zeros=True),
-    Case("commit-repo-bigint-max", commit(2**63 - 1, "sha1"), oracle=ref_commit(2**63 - 1, "sha1"), zeros=True),
+    # repo ids: integer's range is valid, beyond it 22003 (v0002 hashed them into lock keys)
+    Case("commit-repo-int-max", commit(2**31 - 1, "sha1"), oracle=ref_commit(2**31 - 1, "sha1"), zeros=True),
+    Case("commit-repo-int-min", commit(-2**31, "sha1"), oracle=ref_commit(-2**31, "sha1"), zeros=True),
+    Case("commit-repo-int-max-plus-1", commit(2**31, "sha1"), error=beyond_integer(str(2**31))),
+    Case("commit-repo-int-min-minus-1", commit(-2**31 - 1, "sha1"), error=beyond_integer(str(-2**31 - 1))),
+    Case("commit-repo-bigint-max", commit(2**63 - 1, "sha1"), error=beyond_integer(str(2**63 - 1))),
+    Case("uploads-repo-int-max-plus-1", uploads(2**31, SHA1), error=beyond_integer(str(2**31))),
+    # several things wrong: NULLs (parameter order), then values (parameter order)
+    Case("commit-null-sha-and-bad-repo", commit(BIG_REPO, None), error=null("commit_sha")),
+    Case("commit-bad-repo-and-lookback", commit(BIG_REPO, "sha1", lookback=NEG, expire_after=0),
+         error=beyond_integer(str(BIG_REPO))),
+    Case("commit-bad-lookback-and-expire-after", commit(R, "sha1", lookback=NEG, expire_after=0),
+         error=out_of_range("lookback", "-1 days +23:59:59")),
+    # a lookback past the earliest timestamp: no lower bound (v0002: a bare 22008)
+    Case("commit-lookback-10000-years", commit(R, "sha1", lookback=timedelta(days=3_652_500)),
+         oracle=ref_commit(R, "sha1", lookback=timedelta(days=3_652_500))),
+    Case("uploads-lookback-timedelta-max", uploads(R, SHA1, lookback=timedelta.max),
+         oracle=ref_uploads(R, SHA1, lookback=timedelta.max)),
     # quotes, SQL in strings, non-ASCII: plain data
     Case("commit-sha-with-quotes", commit(R, QUOTES), oracle=ref_commit(R, QUOTES)),
     Case("commit-sha-unicode", commit(R, UNICODE), oracle=ref_commit(R, UNICODE)),
     Case("commit-sha-injection-unknown", commit(R, INJECTION), oracle=ref_commit(R, INJECTION), zeros=True),
-    # a bigint repo id: fine with nothing to write, but a flake cannot be stored for it
+    # a bigint repo id: refused before anything is read (v0002 processed it and
+    # failed only when a flake had to be stored)
     Case("uploads-bigint-repo-no-runs", uploads(BIG_REPO, lambda ids: [424242]),
-         oracle=ref_uploads(BIG_REPO, lambda ids: [424242])),
+         error=beyond_integer(str(BIG_REPO))),
     Case("uploads-bigint-repo-failing-run", uploads(BIG_REPO, lambda ids: [ids["big"]]),
-         error=(flakectl.FlakectlError, "22003", r"^integer out of range$")),
+         error=beyond_integer(str(BIG_REPO))),
 ]
 
 

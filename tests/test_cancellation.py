@@ -67,7 +67,7 @@ def hold_a_ledger_key(blocker: psycopg.Connection) -> None:
 PARKED = {
     # point: (blocker, wait event, the statement the call is in)
     "repository lock": (hold_repository_lock, ("Lock", "advisory"), "pg_advisory_xact_lock"),
-    # the flake update and insert have run: the run update comes after them
+    # the run update is part of the state machine's one statement (a CTE), before any flake write
     "run update": (hold_a_run_row, ("Lock", "transactionid"), "update public.ta_timeseries_testrun"),
     # every other write has run: the ledger insert is the last statement
     "ledger insert": (hold_a_ledger_key, ("Lock", "transactionid"), "insert into flakectl.processed_upload"),

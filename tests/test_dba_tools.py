@@ -280,13 +280,18 @@ def scene(conn: psycopg.Connection) -> dict[str, int]:
 
 
 def install_broken(conn: psycopg.Connection, pattern: str, replacement: str) -> None:
-    """Install the live process_upload_set with one deliberate change."""
+    """Install the live process_upload_set, or the state machine it calls (which
+    reads and marks the runs), with one deliberate change."""
     import re
 
-    (src,) = conn.execute("select pg_get_functiondef('flakectl.process_upload_set'::regproc)").fetchone()
-    broken, n = re.subn(pattern, replacement, src, flags=re.S)
-    assert n == 1, pattern
-    conn.execute(broken)
+    changed = []
+    for function in ("process_upload_set", "state_machine"):
+        (src,) = conn.execute("select pg_get_functiondef(%s::regproc)", (f"flakectl.{function}",)).fetchone()
+        broken, n = re.subn(pattern, replacement, src, flags=re.S)
+        if n:
+            changed.append((function, n, broken))
+    assert [(f, n) for f, n, _ in changed] in ([("process_upload_set", 1)], [("state_machine", 1)]), pattern
+    conn.execute(changed[0][2])
     conn.commit()
 
 
@@ -321,11 +326,11 @@ BROKEN = {
         ]),
     # the marking UPDATE without its upload filter: marks commit c2's run too
     "marking without the upload filter": (
-        r"(set outcome = 'flaky_fail'\s+where )r\.upload_id = any\(v_uploads\)\s+and ", r"\1",
+        r"(set outcome = 'flaky_fail'\s+where p_mark\s+)and r\.upload_id = any\(p_uploads\)\s+", r"\1",
         lambda ids: ["writes ta_timeseries_testrun: rows updated expected 1, got 2"]),
     # the marking UPDATE without its repository filter: marks repo 2's run in the upload
     "marking without the repo filter": (
-        r"\s+and r\.repo_id = p_repo_id(\s+and r\.timestamp >= v_cutoff;)", r"\1",
+        r"\s+and r\.repo_id = p_repo_id(\s+and r\.timestamp >= p_cutoff\s+\),)", r"\1",
         lambda ids: [
             f"run upload {ids['u1']} test \\x7a at {at(1).isoformat()}: outcome expected failure,"
             " got flaky_fail",

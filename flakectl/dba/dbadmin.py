@@ -79,7 +79,7 @@ def _connection(dsn: str | None) -> Iterator[sqlalchemy.Connection]:
 
 
 def _run(dsn: str | None, action, revision: str,  # noqa: ANN001
-         drop_data: bool = False) -> tuple[str | None, str | None]:
+         drop_data: bool = False, codecov_schema: str | None = None) -> tuple[str | None, str | None]:
     with _alembic_errors(), _connection(dsn) as conn:
         # the revision before, read under the migration lock env.py takes (it
         # stacks), so a concurrent run's work is not reported as this one's
@@ -88,14 +88,19 @@ def _run(dsn: str | None, action, revision: str,  # noqa: ANN001
         cfg = migrate.config()
         cfg.attributes["connection"] = conn
         cfg.attributes["drop_data"] = drop_data
+        if codecov_schema is not None:
+            cfg.attributes["codecov_schema"] = codecov_schema
         action(cfg, revision)
         after = MigrationContext.configure(conn).get_current_revision()
     return before, after
 
 
-def upgrade(dsn: str | None, revision: str = "head") -> tuple[str | None, str | None]:
-    """Upgrade to `revision`; the revisions before and after (None: not installed)."""
-    return _run(dsn, command.upgrade, revision)
+def upgrade(dsn: str | None, revision: str = "head", *,
+            codecov_schema: str | None = None) -> tuple[str | None, str | None]:
+    """Upgrade to `revision`; the revisions before and after (None: not installed).
+    `codecov_schema`: the schema of Codecov's tables, recorded by the install
+    (default `public`; once recorded, naming another one is refused)."""
+    return _run(dsn, command.upgrade, revision, codecov_schema=codecov_schema)
 
 
 def downgrade(dsn: str | None, revision: str, *,
@@ -133,10 +138,12 @@ def add_upgrade_arguments(parser: argparse.ArgumentParser) -> None:
                       "  flakectl db upgrade 0002")
     parser.add_argument("revision", nargs="?", default="head", metavar="REV")
     o.dsn(parser)
+    o.option(parser, "--codecov-schema", metavar="NAME",
+             help="the schema holding Codecov's tables, recorded at install (default: public)")
 
 
 def run_upgrade(args: argparse.Namespace) -> int:
-    before, after = upgrade(args.dsn, args.revision)
+    before, after = upgrade(args.dsn, args.revision, codecov_schema=args.codecov_schema)
     o.err(f"flakectl: upgraded from {before or 'nothing'} to {after}" if before != after
           else f"flakectl: already at {after}")
     return 0

@@ -19,8 +19,13 @@ def parse_duration(text: str) -> timedelta:
     if not _WHOLE.fullmatch(compact):
         raise ValueError(f"invalid duration {text!r}: use a number and a unit (w, d, h, m, s), e.g. {EXAMPLES}")
     total = timedelta()
-    for number, unit in _PART.findall(compact):
-        total += timedelta(**{_UNITS[unit]: int(number)})
+    try:
+        for number, unit in _PART.findall(compact):
+            total += timedelta(**{_UNITS[unit]: int(number)})
+    except OverflowError:
+        # timedelta's own limit; PostgreSQL would take more, but no window or
+        # age needs it: past the earliest timestamp a lookback is no bound at all
+        raise ValueError(f"duration {text!r} is too large: at most {timedelta.max.days}d") from None
     return total
 
 

@@ -1,7 +1,10 @@
 """Hardening (issue 10): the Codecov schema recorded and used by name,
 pinned search_path, SECURITY DEFINER entry points, EXECUTE revoked from
 PUBLIC; new bodies guard v0003, process_upload_set v0003, process_commit
-v0003, process_uploads v0003, prune_ledger v0002.
+v0003, process_uploads v0003, prune_ledger v0002, and two new internal
+functions: state_machine v0001 (rules 2-6 in one statement that also marks
+the runs it read; replay reuses it) and window_start v0001 (a lookback or an
+age judged by the window start it gives now).
 
 Revision ID: 0005
 Revises: 0004
@@ -120,6 +123,8 @@ $flakectl$"""
 def upgrade() -> None:
     op.execute(record_schema())
     op.execute(foreign_flake_check())
+    install(op, "window_start", 1)
+    install(op, "state_machine", 1)
     install(op, "guard", 3)
     install(op, "process_upload_set", 3)
     install(op, "process_commit", 3)
@@ -136,4 +141,6 @@ def downgrade() -> None:
     install(op, "process_commit", 2)
     install(op, "process_upload_set", 2)
     install(op, "guard", 2)
+    op.execute("drop function flakectl.state_machine(bigint, bigint[], timestamptz, integer, boolean, boolean)")
+    op.execute("drop function flakectl.window_start(interval)")
     op.execute("grant execute on all functions in schema flakectl to public")

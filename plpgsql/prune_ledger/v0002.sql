@@ -5,8 +5,15 @@
 -- again: a call reads runs no older than its lookback (1 day by default), so
 -- an age shorter than twice that default is refused (SQLSTATE 22023): an
 -- upload pruned sooner could be processed, and counted, a second time.
--- The age is measured in UTC, like the lookback, whatever the session's
--- TimeZone. Returns the number of rows deleted.
+-- Returns the number of rows deleted.
+--
+-- v0002 (issue 10): the age is judged by the cut-off it gives at call time,
+-- in UTC, as a lookback is (flakectl.window_start): it must lie at least 2
+-- days before now(). v0001 compared the interval with '2 days', so
+-- '1 mon -28 days' on 1 March of a non-leap year passed the check and put
+-- the cut-off at now(), deleting the whole ledger. An age reaching past the
+-- earliest timestamp deletes nothing (no row is that old). DBA only: not
+-- executable by PUBLIC or a worker.
 --
 --   select flakectl.prune_ledger(older_than => interval '30 days');
 create or replace function flakectl.prune_ledger(
@@ -23,14 +30,14 @@ begin
   if v_older_than is null then
     raise exception using errcode = '22004', message = 'flakectl: argument older_than must not be NULL';
   end if;
-  if v_older_than < 2 * interval '1 day' then
+  v_cutoff := flakectl.window_start(v_older_than);
+  if v_cutoff is null or v_cutoff > (now() at time zone 'UTC' - interval '2 days') at time zone 'UTC' then
     raise exception using errcode = '22023',
       message = format('flakectl: argument older_than must be at least 2 days (twice the default lookback), got %s',
                        v_older_than),
       hint = 'An upload pruned sooner could be processed again and counted twice.';
   end if;
 
-  v_cutoff := (now() at time zone 'UTC' - v_older_than) at time zone 'UTC';
   delete from flakectl.processed_upload l
    where l.processed_at < v_cutoff;
   get diagnostics v_deleted = row_count;
