@@ -682,18 +682,14 @@ def test_archive_moves_with_the_flakes(dbs):
 
 
 def test_a_worker_role_calls_in_the_runs_database(dbs):
-    """The worker's role, with EXECUTE on the two entry points only (what `flakectl db
-    grant` gives), calls process_commit in R: the function reads M's reports across
+    """The worker's role, with `flakectl db grant` in R (EXECUTE on the two entry
+    points only), calls process_commit in R: the function reads M's reports across
     the link as its owner, through the user mapping; the role itself reads nothing."""
     s = seed(dbs.m)
     assert dbs.split()[0] == 0
     add_runs(dbs.r, s["upload"], ("a", "failure", 10))
     q(dbs.r, "create role ta_worker login")
-    q(dbs.r, "grant usage on schema flakectl to ta_worker")
-    for (proc,) in q(dbs.r, "select p.oid::regprocedure::text from pg_proc p join pg_namespace n"
-                            " on n.oid = p.pronamespace where n.nspname = 'flakectl'"
-                            " and p.proname in ('process_commit', 'process_uploads')"):
-        q(dbs.r, f"grant execute on function {proc} to ta_worker")
+    assert main(["db", "grant", "--dsn", dbs.r, "ta_worker"]) == 0
     worker = dbs.r.replace("postgres@", "ta_worker@")
     with psycopg.connect(worker) as c:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
