@@ -93,8 +93,8 @@ COMMANDS = [
     Command("demo", "flakectl.lab.demo",
             "generate a repository history on a throwaway PostgreSQL, process it, compare with the truth"),
     Command("bench", "flakectl.lab.bench:cli",
-            "time the function (A) against the worker's Python path (B) and the read floor (C) on a"
-            " generated commit"),
+            "time the function (A) against the worker's Python path (B), the read floor (C) and the"
+            " write floor (W) on a generated commit, or a fleet of workers (--fleet)"),
 ]
 
 
