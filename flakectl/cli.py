@@ -204,9 +204,11 @@ def _own_remedy() -> tuple[type, ...]:
 
 
 def _describe(exc: Exception) -> str:
-    from flakectl.errors import FlakectlError, LockNotAvailable, NotInstalled, WrongIsolationLevel
+    from flakectl.errors import FlakectlError, LockNotAvailable, NotInstalled, PermissionDenied, WrongIsolationLevel
 
     plain = options.plain
+    if isinstance(exc, PermissionDenied):
+        return f"{plain(exc)}; {exc.remedy}"
     if isinstance(exc, LockNotAvailable):
         return f"{plain(exc)}; retry later, or leave out --no-wait to wait for it"
     if isinstance(exc, WrongIsolationLevel):

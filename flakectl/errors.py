@@ -79,6 +79,13 @@ class PermissionDenied(FlakectlError):
     """This role may not call flakectl's functions: grant it with `flakectl db grant ROLE` (docs/security.md)."""
 
     sqlstate = "42501"
+    #: what to grant; the message stays PostgreSQL's own
+    remedy = ("the role needs `flakectl db grant ROLE` (USAGE on schema flakectl, EXECUTE on"
+              " flakectl.process_commit and flakectl.process_uploads; docs/security.md)")
+
+    def __init__(self, message: str | None = None, *, sqlstate: str | None = None):
+        super().__init__(message, sqlstate=sqlstate)
+        self.add_note(self.remedy)
 
 
 class ConnectionFailed(FlakectlError):
@@ -146,9 +153,7 @@ def from_driver(exc: BaseException) -> FlakectlError:
         return InvalidArgument(message, sqlstate=state)
     if state == PermissionDenied.sqlstate and any(
             name in message for name in ("flakectl", "process_commit", "process_uploads")):
-        return PermissionDenied(
-            f"{message}: the role needs `flakectl db grant ROLE` (USAGE on schema flakectl, EXECUTE on"
-            " flakectl.process_commit and flakectl.process_uploads; docs/security.md)")
+        return PermissionDenied(message)
     if state in _NOT_INSTALLED and "flakectl" in message:
         return NotInstalled.because(message)
     return FlakectlError(message, sqlstate=state)

@@ -238,7 +238,7 @@ def test_installing_flakectl_leaves_the_callers_driver_alone():
 
 
 @pytest.mark.parametrize("state, cls", [("40001", flakectl.ConcurrentConflict), ("55P03", flakectl.LockNotAvailable),
-                                        ("42501", flakectl.FlakectlError)])
+                                        ("42501", flakectl.PermissionDenied)])
 def test_sqlstates_the_entry_points_rarely_raise_map_alike(setup, state, cls):
     """40001 (another repository's concurrent call) and 42501 (no grant) raised
     by the server through adapter.call, the entry points' one path."""
