@@ -4,7 +4,7 @@ The entry points run on the caller's connection and import no driver (nor
 SQLAlchemy or Alembic): flakectl.adapter recognizes the connection it is given.
 """
 
-from flakectl.api import process_commit, process_uploads
+from flakectl.api import process_commit, process_uploads, replay
 from flakectl.errors import (
     BadInput,
     ConcurrentConflict,
@@ -17,7 +17,7 @@ from flakectl.errors import (
     PermissionDenied,
     WrongIsolationLevel,
 )
-from flakectl.model import Summary
+from flakectl.model import ReplaySummary, Summary
 
 
 __all__ = [
@@ -30,8 +30,10 @@ __all__ = [
     "NotInstalled",
     "NullArgument",
     "PermissionDenied",
+    "ReplaySummary",
     "Summary",
     "WrongIsolationLevel",
     "process_commit",
     "process_uploads",
+    "replay",
 ]

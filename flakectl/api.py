@@ -17,7 +17,7 @@ from typing import Any
 
 from flakectl import adapter
 from flakectl.errors import InvalidArgument
-from flakectl.model import Summary
+from flakectl.model import ReplaySummary, Summary
 
 _COLUMNS = ", ".join(Summary.columns())
 
@@ -37,6 +37,13 @@ select {_COLUMNS}
          dry_run => %(dry_run)s::boolean, wait => %(wait)s::boolean)
 """
 
+_REPLAY = f"""
+select {", ".join(ReplaySummary.columns())}
+  from flakectl.replay(
+         repo_id => %(repo_id)s::bigint, upload_ids => %(upload_ids)s::bigint[],
+         expire_after => %(expire_after)s::integer, dry_run => %(dry_run)s::boolean)
+"""
+
 
 _BIGINT = (-(2**63), 2**63 - 1)
 _INTEGER = (-(2**31), 2**31 - 1)
@@ -49,12 +56,12 @@ def _check_range(name: str, value: object, bounds: tuple[int, int], sql_type: st
                               sqlstate="22003")
 
 
-def _call(conn: Any, query: str, params: dict) -> Summary:
+def _call(conn: Any, query: str, params: dict, row_type: type = Summary):
     _check_range("repo_id", params["repo_id"], _BIGINT, "bigint")
     _check_range("expire_after", params["expire_after"], _INTEGER, "integer")
     for upload_id in params.get("upload_ids") or ():
         _check_range("upload_ids", upload_id, _BIGINT, "bigint")
-    return adapter.call(conn, query, params, Summary)
+    return adapter.call(conn, query, params, row_type)
 
 
 def process_commit(
@@ -89,3 +96,20 @@ def process_uploads(
         repo_id=repo_id, upload_ids=None if upload_ids is None else list(upload_ids),
         lookback=lookback, expire_after=expire_after, dry_run=dry_run, wait=wait,
     ))
+
+
+def replay(
+    conn: Any,
+    repo_id: int,
+    upload_ids: Sequence[int | None] | None,
+    *,
+    expire_after: int = 30,
+    dry_run: bool = True,
+) -> ReplaySummary:
+    """Recompute the repository's flakes from these uploads' runs and compare
+    them with the live rows (SPEC rule 11); with dry_run=False, repair them
+    (docs/replay.md). A dry run unless asked."""
+    return _call(conn, _REPLAY, dict(
+        repo_id=repo_id, upload_ids=None if upload_ids is None else list(upload_ids),
+        expire_after=expire_after, dry_run=dry_run,
+    ), ReplaySummary)

@@ -87,6 +87,8 @@ COMMANDS = [
             "run the function and the reference on a commit in a rolled-back transaction and compare"),
     Command("status", "flakectl.dba.status",
             "show the installed version, the ledger and the flakes per repository"),
+    Command("replay", "flakectl.dba.replay",
+            "recompute a repository's flakes from its history, show the rows that differ, repair them"),
     Command("prune", "flakectl.dba.ledger", "delete ledger rows older than an age (flakectl.prune_ledger)"),
     Command("split", "flakectl.dba.split", "move a deployment to Codecov's split layout (runs and main"
             " databases), or back with --undo"),

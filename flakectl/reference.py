@@ -459,14 +459,13 @@ def replay(
          live rows is paired is unspecified by the SPEC; flakectl (the SQL and
          this reference alike) pairs the lowest ids first.
     """
-    for name, value in (("repo_id", repo_id), ("upload_ids", upload_ids),
-                        ("expire_after", expire_after), ("dry_run", dry_run)):
-        if value is None:
-            raise NullArgument(f"{name} must not be NULL, got NULL")
-    if not _INTEGER[0] <= repo_id <= _INTEGER[1]:
-        raise InvalidArgument(f"repo_id must fit in integer, got {repo_id}", sqlstate="22003")
-    if expire_after < 1:
-        raise InvalidArgument(f"expire_after must be at least 1, got {expire_after}")
+    # rule 10 as for the other entry points (no lookback: a zero one passes)
+    _check_arguments(
+        [("repo_id", repo_id), ("upload_ids", upload_ids), ("expire_after", expire_after),
+         ("dry_run", dry_run)],
+        timedelta(0),
+        expire_after,
+    )
 
     uploads = sorted({u for u in upload_ids if u is not None})
     wanted = set(uploads)

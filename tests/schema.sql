@@ -10,6 +10,30 @@ CREATE TYPE flakectl.flake_change AS (
 	end_date timestamp with time zone
 );
 
+CREATE TYPE flakectl.replay_row AS (
+	side text,
+	paired boolean,
+	id bigint,
+	test_id bytea,
+	flags_id bytea,
+	count integer,
+	fail_count integer,
+	recent_passes_count integer,
+	start_date timestamp with time zone,
+	end_date timestamp with time zone
+);
+
+CREATE TYPE flakectl.replay_summary AS (
+	uploads_replayed bigint,
+	testruns_considered bigint,
+	flakes_live bigint,
+	flakes_replayed bigint,
+	flakes_identical bigint,
+	flakes_archived bigint,
+	flakes_inserted bigint,
+	testruns_marked bigint
+);
+
 CREATE TYPE flakectl.summary AS (
 	uploads_processed bigint,
 	uploads_skipped bigint,
@@ -293,6 +317,183 @@ begin
 end;
 $$;
 
+CREATE FUNCTION flakectl.replay(repo_id bigint, upload_ids bigint[], expire_after integer DEFAULT 30, dry_run boolean DEFAULT true) RETURNS flakectl.replay_summary
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    SET plan_cache_mode TO 'force_custom_plan'
+    SET jit TO 'off'
+    AS $$
+#variable_conflict use_column
+declare
+  v_uploads bigint[];
+  v_cmp record;
+  v_result flakectl.replay_summary;
+begin
+  v_uploads := flakectl.replay_guard(replay.repo_id, replay.upload_ids, replay.expire_after, replay.dry_run);
+  v_cmp := flakectl.replay_compare(replay.repo_id, v_uploads, replay.expire_after, not replay.dry_run);
+
+  select cardinality(v_uploads)::bigint, v_cmp.testruns_considered,
+         count(*) filter (where c.side = 'live'),
+         count(*) filter (where c.side = 'replayed'),
+         count(*) filter (where c.side = 'live' and c.paired),
+         count(*) filter (where c.side = 'live' and not c.paired),
+         count(*) filter (where c.side = 'replayed' and not c.paired),
+         v_cmp.testruns_marked
+    into v_result
+    from unnest(v_cmp.compared) c;
+
+  if replay.dry_run then
+    return v_result;
+  end if;
+
+  -- archive, then delete: an open replayed row may only come in once the
+  -- live open row of its test has left the one-open-flake-per-test index
+  with gone as (
+    delete from public.test_analytics_flake f
+     using unnest(v_cmp.compared) c
+     where c.side = 'live' and not c.paired
+       and f.id = c.id
+    returning f.id, f.repoid, f.test_id, f.flags_id, f.recent_passes_count, f.count,
+              f.fail_count, f.start_date, f.end_date
+  )
+  insert into flakectl.flake_archive
+    (id, repoid, test_id, flags_id, recent_passes_count, count, fail_count, start_date, end_date,
+     archived_at)
+  select g.id, g.repoid, g.test_id, g.flags_id, g.recent_passes_count, g.count, g.fail_count,
+         g.start_date, g.end_date, now()
+    from gone g;
+
+  insert into public.test_analytics_flake
+    (repoid, test_id, flags_id, recent_passes_count, count, fail_count, start_date, end_date)
+  select replay.repo_id, c.test_id, null, c.recent_passes_count, c.count, c.fail_count,
+         c.start_date, c.end_date
+    from unnest(v_cmp.compared) c
+   where c.side = 'replayed' and not c.paired
+   order by c.test_id, c.start_date;
+
+  -- replay ignores the ledger, but records what it replayed: a later
+  -- process_* call must not count these uploads again
+  insert into flakectl.processed_upload (upload_id, repo_id, commit_sha)
+  select u, replay.repo_id, null
+    from unnest(v_uploads) as u
+  on conflict (upload_id) do nothing;
+
+  return v_result;
+end;
+$$;
+
+CREATE FUNCTION flakectl.replay_compare(p_repo_id bigint, p_uploads bigint[], p_expire_after integer, p_mark boolean, OUT testruns_considered bigint, OUT testruns_marked bigint, OUT compared flakectl.replay_row[]) RETURNS record
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    SET plan_cache_mode TO 'force_custom_plan'
+    SET jit TO 'off'
+    SET max_parallel_workers_per_gather TO '0'
+    AS $$
+declare
+  v_changes flakectl.flake_change[];
+  v_t0 timestamptz;
+begin
+  select m.testruns_considered, m.testruns_marked, m.changes
+    into testruns_considered, testruns_marked, v_changes
+    from flakectl.state_machine(p_repo_id, p_uploads, '-infinity', p_expire_after, true, p_mark) m;
+
+  select min(r.timestamp)
+    into v_t0
+    from public.ta_timeseries_testrun r
+   where r.upload_id = any(p_uploads)
+     and r.repo_id = p_repo_id;
+
+  with r as (
+    select c.test_id, c.count, c.fail_count, c.recent_passes_count, c.start_date, c.end_date,
+           row_number() over (partition by c.test_id, c.count, c.fail_count, c.recent_passes_count,
+                                           c.start_date, c.end_date) as rk
+      from unnest(v_changes) c
+  ),
+  l as (
+    select f.id, f.test_id, f.flags_id, f.count, f.fail_count, f.recent_passes_count,
+           f.start_date, f.end_date,
+           row_number() over (partition by f.test_id, f.count, f.fail_count, f.recent_passes_count,
+                                           f.start_date, f.end_date
+                              order by f.id) as rk
+      from public.test_analytics_flake f
+     where f.repoid = p_repo_id
+       and (f.start_date >= v_t0
+            or (f.end_date is null and f.test_id in (select r.test_id from r)))
+  ),
+  pairs as (
+    select l.id as live_id, l.test_id as l_test_id, l.flags_id, l.count as l_count,
+           l.fail_count as l_fail_count, l.recent_passes_count as l_rpc,
+           l.start_date as l_start, l.end_date as l_end,
+           r.test_id as r_test_id, r.count as r_count, r.fail_count as r_fail_count,
+           r.recent_passes_count as r_rpc, r.start_date as r_start, r.end_date as r_end,
+           l.rk is not null and r.rk is not null as paired
+      from l
+      full join r
+        on l.test_id = r.test_id
+       and l.count = r.count
+       and l.fail_count = r.fail_count
+       and l.recent_passes_count = r.recent_passes_count
+       and l.start_date = r.start_date
+       and (l.end_date is null) = (r.end_date is null)
+       and coalesce(l.end_date, 'epoch') = coalesce(r.end_date, 'epoch')
+       and l.rk = r.rk
+  )
+  select coalesce(array_agg(x.row order by x.row), '{}')
+    into compared
+    from (
+      select row('live', p.paired, p.live_id, p.l_test_id, p.flags_id, p.l_count, p.l_fail_count,
+                 p.l_rpc, p.l_start, p.l_end)::flakectl.replay_row as row
+        from pairs p
+       where p.live_id is not null
+      union all
+      select row('replayed', p.paired, null, p.r_test_id, null, p.r_count, p.r_fail_count,
+                 p.r_rpc, p.r_start, p.r_end)::flakectl.replay_row
+        from pairs p
+       where p.r_test_id is not null
+    ) x;
+end;
+$$;
+
+CREATE FUNCTION flakectl.replay_guard(p_repo_id bigint, p_upload_ids bigint[], p_expire_after integer, p_dry_run boolean) RETURNS bigint[]
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+begin
+  if p_repo_id is null then
+    raise exception using errcode = '22004', message = 'flakectl: argument repo_id must not be NULL';
+  end if;
+  if p_upload_ids is null then
+    raise exception using errcode = '22004', message = 'flakectl: argument upload_ids must not be NULL';
+  end if;
+  perform flakectl.guard(p_repo_id, interval '0', p_expire_after, p_dry_run, true);
+  return (select coalesce(array_agg(distinct u order by u), '{}')
+            from unnest(p_upload_ids) as u
+           where u is not null);
+end;
+$$;
+
+CREATE FUNCTION flakectl.replay_rows(repo_id bigint, upload_ids bigint[], expire_after integer DEFAULT 30) RETURNS SETOF flakectl.replay_row
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    SET plan_cache_mode TO 'force_custom_plan'
+    SET jit TO 'off'
+    AS $$
+#variable_conflict use_column
+declare
+  v_uploads bigint[];
+  v_cmp record;
+begin
+  v_uploads := flakectl.replay_guard(replay_rows.repo_id, replay_rows.upload_ids,
+                                     replay_rows.expire_after, false);
+  v_cmp := flakectl.replay_compare(replay_rows.repo_id, v_uploads, replay_rows.expire_after, false);
+  return query
+    select c.*
+      from unnest(v_cmp.compared) c
+     where c.test_id in (select d.test_id from unnest(v_cmp.compared) d where not d.paired)
+     order by c.test_id, c.start_date, c.side, c.id;
+end;
+$$;
+
 CREATE FUNCTION flakectl.state_machine(p_repo_id bigint, p_uploads bigint[], p_cutoff timestamp with time zone, p_expire_after integer, p_from_empty boolean, p_mark boolean, OUT testruns_considered bigint, OUT testruns_marked bigint, OUT changes flakectl.flake_change[]) RETURNS record
     LANGUAGE plpgsql
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -480,6 +681,19 @@ CREATE TABLE flakectl.created_table (
     relid regclass NOT NULL
 );
 
+CREATE TABLE flakectl.flake_archive (
+    id bigint NOT NULL,
+    repoid integer NOT NULL,
+    test_id bytea NOT NULL,
+    flags_id bytea,
+    recent_passes_count integer NOT NULL,
+    count integer NOT NULL,
+    fail_count integer NOT NULL,
+    start_date timestamp with time zone NOT NULL,
+    end_date timestamp with time zone,
+    archived_at timestamp with time zone NOT NULL
+);
+
 CREATE TABLE flakectl.processed_upload (
     upload_id bigint NOT NULL,
     repo_id bigint NOT NULL,
@@ -598,6 +812,8 @@ ALTER TABLE ONLY public.reports_upload
 
 ALTER TABLE ONLY public.test_analytics_flake
     ADD CONSTRAINT test_analytics_flake_pkey PRIMARY KEY (id);
+
+CREATE INDEX flake_archive_repoid_archived_at ON flakectl.flake_archive USING btree (repoid, archived_at);
 
 CREATE INDEX processed_upload_processed_at ON flakectl.processed_upload USING btree (processed_at);
 

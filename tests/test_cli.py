@@ -112,7 +112,7 @@ def test_format_duration(value, text):
 
 
 SUBCOMMANDS = [["db", "upgrade"], ["db", "downgrade"], ["db", "current"], ["db", "sql"], ["process"],
-               ["verify"], ["status"], ["prune"], ["demo"], ["bench"], ["split"]]
+               ["verify"], ["status"], ["prune"], ["demo"], ["bench"], ["split"], ["replay"]]
 
 
 @pytest.mark.parametrize("words", SUBCOMMANDS, ids=" ".join)
@@ -136,6 +136,7 @@ OWN_VARIABLE = {
     ("process", "--force"): "PROCESS_FORCE",  # a switch that writes: one command's own
     ("demo", "--uploads"): "DEMO_UPLOADS",  # a count; process --uploads is a list of ids
     ("bench", "--uploads"): "BENCH_UPLOADS",
+    ("replay", "--apply"): "REPLAY_APPLY",  # a write: never set by a variable meant for another command
 }
 
 
@@ -214,7 +215,7 @@ def test_top_level_help_lists_the_commands(cli):
     (["bench", "--other-rows", "-1"], "argument --other-rows: must be 0 or more, got -1"
                                       " (see `flakectl bench --help`)"),
     (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate' (choose from 'db', 'process',"
-                     " 'verify', 'status', 'prune', 'split', 'demo', 'bench') (see `flakectl --help`)"),
+                     " 'verify', 'status', 'replay', 'prune', 'split', 'demo', 'bench') (see `flakectl --help`)"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(cli, argv, message):
     code, out, err = cli(*argv)

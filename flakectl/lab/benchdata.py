@@ -229,13 +229,17 @@ def install_functions(conn: psycopg.Connection) -> None:
     rendered for its tables, and `flakectl.` (ledger, types, functions) read
     as `flakectl_bench.`; the ledger and the types copied from flakectl's."""
     conn.execute(f"create table {SCHEMA}.processed_upload (like flakectl.processed_upload including all)")
-    for type_name in ("summary", "flake_change"):
+    # every composite type of flakectl's, in creation order (one may use another)
+    types = conn.execute(
+        "select t.typname from pg_type t join pg_class c on c.oid = t.typrelid"
+        " where t.typnamespace = 'flakectl'::regnamespace and c.relkind = 'c' order by t.oid").fetchall()
+    for (type_name,) in types:
         columns = conn.execute(
             "select string_agg(quote_ident(a.attname) || ' ' || format_type(a.atttypid, a.atttypmod), ', '"
             "                  order by a.attnum)"
             "  from pg_attribute a where a.attrelid = (select typrelid from pg_type where oid = %s::regtype)"
             "   and a.attnum > 0 and not a.attisdropped", (f"flakectl.{type_name}",)).fetchone()[0]
-        conn.execute(f"create type {SCHEMA}.{type_name} as ({columns})")
+        conn.execute(f"create type {SCHEMA}.{type_name} as ({columns.replace('flakectl.', f'{SCHEMA}.')})")
     for name, numbers in sqlfiles.versions().items():
         version = numbers[-1]
         text = sqlfiles.body(name, version)

@@ -295,9 +295,10 @@ _GENERATE = [
 ]
 
 
-def _params(conn: psycopg.Connection, size: DemoSize, truth: Truth) -> dict:
-    # Keep every run inside the default one-day lookback, however many commits.
-    spacing = min(timedelta(minutes=20), timedelta(hours=20) / size.commits)
+def _params(conn: psycopg.Connection, size: DemoSize, truth: Truth, span: timedelta | None = None) -> dict:
+    # Keep every run inside the default one-day lookback, however many commits
+    # (unless the commits are spread evenly over `span`).
+    spacing = span / size.commits if span else min(timedelta(minutes=20), timedelta(hours=20) / size.commits)
     (now,) = conn.execute("select now()").fetchone()
     return {
         "tests": size.tests, "commits": size.commits, "uploads": size.uploads, "seed": size.seed,
@@ -307,9 +308,10 @@ def _params(conn: psycopg.Connection, size: DemoSize, truth: Truth) -> dict:
     }
 
 
-def generate(conn: psycopg.Connection, size: DemoSize, truth: Truth) -> tuple[list[str], dict[int, TestOutcome], int]:
+def generate(conn: psycopg.Connection, size: DemoSize, truth: Truth, *,
+             span: timedelta | None = None) -> tuple[list[str], dict[int, TestOutcome], int]:
     """Write the history; the commit shas in order, the tests that fail or are flaky, the run count."""
-    params = _params(conn, size, truth)
+    params = _params(conn, size, truth, span)
     with conn.transaction():
         for statement in _GENERATE:
             conn.execute(statement, params)
