@@ -117,7 +117,7 @@ def test_fleet(db_url, monkeypatch):
                                                       ("large", 25, 3, 200)))
     code, out, err = run_bench("--dsn", db_url, "--fleet", "--fleet-commits", "8", "--fleet-k", "1,3",
                                "--other-rows", "500", "--json")
-    assert code == 0, err
+    assert code == 0, err + out
     fleet = json.loads(out)["fleet"]
     assert fleet["problems"] == []
     assert [c["size"] for c in fleet["commits"]].count("tiny") == 4

@@ -25,7 +25,9 @@ between different repositories, and there must be none on the data
 extension lock are counted apart: PostgreSQL lets one backend at a time add
 pages to a table's file, so two calls writing new row versions of the same
 table (marking, new flakes) can wait for each other there for the moment the
-file grows, whatever rows or repositories they write. A and B must report
+file grows, whatever rows or repositories they write. A wait whose blocker is no
+fleet worker (autovacuum truncating a table, or a wait over before
+pg_blocking_pids looked) is counted apart too. A and B must report
 the same counters per commit (flakes created, updated, expired, runs
 marked); the single-commit bench compares the full states.
 """
@@ -91,6 +93,7 @@ class Run:
     lock_same_repo: int = 0
     lock_other_repo: int = 0  # on a lock of the data (advisory, row, transaction, relation)
     extend_other_repo: int = 0  # on a relation's extension lock: the table's file growing
+    lock_other_backend: int = 0  # blocked by no fleet worker (autovacuum, a wait already over)
     lock_details: list[str] = field(default_factory=list)
 
     @property
@@ -117,6 +120,7 @@ class Run:
             "samples": self.samples, "wait_events": dict(self.waits),
             "lock_waits_same_repo": self.lock_same_repo, "lock_waits_other_repo": self.lock_other_repo,
             "extend_waits_other_repo": self.extend_other_repo,
+            "lock_waits_other_backend": self.lock_other_backend,
             "lock_wait_details": self.lock_details[:20],
         }
 
@@ -173,6 +177,10 @@ class _Sampler:
                     for blocker in blockers or [None]:
                         if blocker == app:
                             self.run.lock_same_repo += 1
+                        elif not (blocker or "").startswith(f"{_APP} repo="):
+                            # not another call: autovacuum, or the blocker gone by the time
+                            # pg_blocking_pids looked
+                            self.run.lock_other_backend += 1
                         elif wevent == "extend":
                             # PostgreSQL lets one backend at a time add pages to a table: two
                             # calls writing new row versions wait for it, whatever the rows
@@ -274,14 +282,15 @@ def describe(commits: list[FleetCommit], other_rows: int, seed: int, runs: list[
            "",
            "| K | path | commits | commits/s | p50 ms | p95 ms | p99 ms | max ms | wall s | active samples"
            " | lock waits, same repo | lock waits, other repo | extension-lock waits, other repo"
-           " | wait events sampled |",
-           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+           " | lock waits on no worker | wait events sampled |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in runs:
         waits = ", ".join(f"{name} {n}" for name, n in r.waits.most_common(4)) or "none"
         out.append(f"| {r.k} | {r.path} | {len(r.latencies)} | {r.throughput:,.1f} | {r.quantile(0.5) * 1000:,.1f}"
                    f" | {r.quantile(0.95) * 1000:,.1f} | {r.quantile(0.99) * 1000:,.1f}"
                    f" | {max(r.latencies.values()) * 1000:,.1f} | {r.wall:,.2f} | {r.samples:,}"
-                   f" | {r.lock_same_repo} | {r.lock_other_repo} | {r.extend_other_repo} | {waits} |")
+                   f" | {r.lock_same_repo} | {r.lock_other_repo} | {r.extend_other_repo}"
+                   f" | {r.lock_other_backend} | {waits} |")
     out += ["", "| K | A commits/s | B commits/s | A/B throughput |", "|---:|---:|---:|---:|"]
     for k in sorted({r.k for r in runs}):
         a = next(r for r in runs if r.k == k and r.path == "A")
