@@ -240,12 +240,15 @@ def pg_dump_binary(server: ThrowawayServer) -> pathlib.Path:
 def normalize_dump(text: str) -> str:
     """A pg_dump --schema-only made stable across pg_dump versions: no
     comments, SET/set_config lines or psql meta-commands (\\restrict), one
-    blank line between statements."""
+    blank line between statements, and no names of NOT NULL constraints
+    (PostgreSQL 18 catalogues them, and CREATE TABLE ... (LIKE ...), as 0006
+    builds flakectl.flake_archive, copies the source table's names, which
+    pg_dump 18 then prints; earlier versions have no such names)."""
     kept = []
     for line in text.splitlines():
         if line.startswith(("--", "SET ", "SELECT pg_catalog.set_config", "\\")):
             continue
-        kept.append(line.rstrip())
+        kept.append(re.sub(r" CONSTRAINT \S+ NOT NULL", " NOT NULL", line.rstrip()))
     return re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip() + "\n"
 
 
